@@ -1,0 +1,36 @@
+# llmpipe: `make demo` (set up, fetch the default model, compress a corpus file)
+# and `make test` (set up, fetch, lint, all tests). Both work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: setup model demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+model: setup
+	$(PY) -m llmpipe fetch
+
+demo: model
+	$(PY) bench/demo.py
+
+lint: setup
+	$(PY) -m ruff check llmpipe tests bench bin/llmpipe
+
+test: model lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not smoke"
+
+bench: model
+	$(PY) bench/bench.py --write BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,230 @@
+"""`make bench`: llmpipe against zstd, xz, brotli and bzip2 on the same bytes, in one run.
+
+    python bench/bench.py run  --name main  [--bytes N] [--chunk-size B] [--batch N] [FILE ...]
+    python bench/bench.py sweep --name chunks --file enwik/enwik8_first_1000000 --bytes N
+    python bench/bench.py report --write BENCHMARKS.md
+
+Each run stores its measurements as JSON under bench/results/, with the
+machine and the command; `report` renders every stored run into
+BENCHMARKS.md. Files are named relative to ../shared/corpus and sliced to
+their first N bytes (said in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import brotli
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llmpipe.compressor import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, Compressor  # noqa: E402
+from llmpipe.decompressor import Decompressor  # noqa: E402
+from llmpipe.models import cache  # noqa: E402
+
+CORPUS = ROOT.parent / "shared" / "corpus"
+RESULTS = ROOT / "bench" / "results"
+DEFAULT_FILES = [
+    "enwik/enwik8_first_1000000",
+    "canterbury/alice29.txt",
+    "calgary/book1",
+    "calgary/paper1",
+    "canterbury/kennedy.xls",
+]
+FAMOUS = {"alice29.txt", "book1", "bible.txt"}  # likely in the model's training data
+BASELINES = {
+    "zstd -19 --long=27": ["zstd", "-19", "--long=27", "-c", "-q"],
+    "xz -9e": ["xz", "-9e", "-c"],
+    "bzip2 -9": ["bzip2", "-9", "-c"],
+}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "python": platform.python_version()}
+
+
+def baseline_bpb(data: bytes) -> dict[str, float]:
+    out = {}
+    for name, command in BASELINES.items():
+        packed = subprocess.run(command, input=data, capture_output=True, check=True).stdout
+        out[name] = 8 * len(packed) / len(data)
+    out["brotli -q 11"] = 8 * len(brotli.compress(data, quality=11)) / len(data)
+    return out
+
+
+def measure(compressor: Compressor, decompressor: Decompressor, data: bytes) -> dict:
+    sink = io.BytesIO()
+    stats = compressor.compress_stream(io.BytesIO(data), sink)
+    archive = sink.getvalue()
+    started = time.perf_counter()
+    restored = decompressor.decompress(archive)
+    decode_seconds = time.perf_counter() - started
+    if restored != data:
+        raise SystemExit("round trip FAILED")
+    return {
+        "bytes": len(data),
+        "archive_bytes": len(archive),
+        "bpb": 8 * len(archive) / len(data),
+        "ideal_bpb": (stats.ideal_bits + 8 * (len(data) - stats.llm_input_bytes)) / len(data)
+        if stats.llm_input_bytes
+        else None,
+        "llm_blocks": stats.blocks["llm"],
+        "other_blocks": stats.blocks["zstd"] + stats.blocks["raw"],
+        "coder_overhead": stats.coder_overhead,
+        "symbols": stats.llm_symbols,
+        "compress_kb_s": len(data) / 1024 / stats.seconds,
+        "decompress_kb_s": len(data) / 1024 / decode_seconds,
+    }
+
+
+def save(name: str, payload: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload.update(
+        machine=machine(),
+        command="python bench/bench.py " + " ".join(sys.argv[1:]),
+        date=datetime.date.today().isoformat(),
+    )
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    print(f"wrote {RESULTS / (name + '.json')}")
+
+
+def run(args: argparse.Namespace) -> None:
+    model = cache.load(args.model)
+    compressor = Compressor(model, chunk_size=args.chunk_size, batch=args.batch, threads=args.threads)
+    decompressor = Decompressor(model)
+    rows = []
+    for relative in args.files or DEFAULT_FILES:
+        path = CORPUS / relative
+        if not path.exists():
+            print(f"skip {relative}: ../shared/corpus not available")
+            continue
+        data = path.read_bytes()[: args.bytes]
+        row = {"file": relative, **measure(compressor, decompressor, data), "baselines": baseline_bpb(data)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    save(
+        args.name,
+        {"kind": "files", "model": model.name, "chunk_size": args.chunk_size, "batch": args.batch, "rows": rows},
+    )
+
+
+def sweep(args: argparse.Namespace) -> None:
+    model = cache.load(args.model)
+    decompressor = Decompressor(model)
+    data = (CORPUS / args.file).read_bytes()[: args.bytes]
+    rows = []
+    for chunk_size in args.chunk_sizes:
+        batch = max(1, args.bytes // chunk_size)  # one lockstep group holds the whole input
+        compressor = Compressor(model, chunk_size=chunk_size, batch=batch, threads=args.threads)
+        row = {"chunk_size": chunk_size, "batch": batch, **measure(compressor, decompressor, data)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    save(args.name, {"kind": "sweep", "model": model.name, "file": args.file, "rows": rows})
+
+
+def report(args: argparse.Namespace) -> None:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python bench/bench.py report` from the runs stored in `bench/results/`",
+        "(`make bench` reruns them). Bits per byte (bpb) = 8 x archive bytes / input bytes, the",
+        "whole archive included (header, block headers, end record). *ideal* is the model's own",
+        "code length (sum of -log2 p) for LLM-coded blocks plus 8 bits per byte elsewhere; coder",
+        "overhead is the LLM payload against that ideal. KB/s = 1024 bytes of input per second.",
+        "",
+    ]
+    for path in sorted(RESULTS.glob("*.json")):
+        run_data = json.loads(path.read_text())
+        m = run_data["machine"]
+        lines += [
+            f"## {path.stem}",
+            "",
+            f"`{run_data['command']}` on {run_data['date']}; model `{run_data['model']}`, float engine;",
+            f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}.",
+            "",
+        ]
+        if run_data["kind"] == "files":
+            names = list(run_data["rows"][0]["baselines"]) if run_data["rows"] else []
+            lines.append(
+                f"Chunk size {run_data['chunk_size']} bytes, batch {run_data['batch']}. "
+                "Famous texts (*) are probably in the model's training data."
+            )
+            lines.append("")
+            lines.append(
+                "| file | bytes | llmpipe bpb | ideal bpb | coder overhead | "
+                + " | ".join(names)
+                + " | compress KB/s | decompress KB/s |"
+            )
+            lines.append("|---|---|---|---|---|" + "---|" * len(names) + "---|---|")
+            for r in run_data["rows"]:
+                star = "*" if Path(r["file"]).name in FAMOUS else ""
+                ideal = f"{r['ideal_bpb']:.3f}" if r["ideal_bpb"] else "-"
+                base = " | ".join(f"{r['baselines'][n]:.3f}" for n in names)
+                lines.append(
+                    f"| {r['file']}{star} | {r['bytes']} | **{r['bpb']:.3f}** | {ideal} | "
+                    f"{100 * r['coder_overhead']:.2f}% | {base} | "
+                    f"{r['compress_kb_s']:.2f} | {r['decompress_kb_s']:.2f} |"
+                )
+        else:
+            lines.append(
+                f"Chunk size sweep on the first {run_data['rows'][0]['bytes']} bytes of `{run_data['file']}`, "
+                "batch = chunks in the input (one lockstep group)."
+            )
+            lines.append("")
+            lines.append("| chunk size | batch | bpb | ideal bpb | compress KB/s | decompress KB/s |")
+            lines.append("|---|---|---|---|---|---|")
+            for r in run_data["rows"]:
+                lines.append(
+                    f"| {r['chunk_size']} | {r['batch']} | {r['bpb']:.3f} | {r['ideal_bpb']:.3f} | "
+                    f"{r['compress_kb_s']:.2f} | {r['decompress_kb_s']:.2f} |"
+                )
+        lines.append("")
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        lines.append(notes.read_text())
+    Path(args.write).write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {args.write}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "sweep"):
+        p = sub.add_parser(name)
+        p.add_argument("--name", required=True)
+        p.add_argument("--model", default=None)
+        p.add_argument("--bytes", type=int, default=131072)
+        p.add_argument("--threads", type=int, default=2)
+    runner = sub.choices["run"]
+    runner.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    runner.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    runner.add_argument("files", nargs="*")
+    sweeper = sub.choices["sweep"]
+    sweeper.add_argument("--file", default="enwik/enwik8_first_1000000")
+    sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
+    sub.add_parser("report").add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    {"run": run, "sweep": sweep, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

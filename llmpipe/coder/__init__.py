@@ -1,0 +1,1 @@
+"""Entropy coding: integer frequency tables and the range coder that consumes them."""

@@ -1,0 +1,217 @@
+"""Streaming compression: chunk the input, code groups of chunks, write blocks.
+
+Memory is bounded by one group (``batch`` chunks) whatever the input length.
+Each chunk becomes the smallest of an LLM, zstd or raw block, so data the
+model is bad at (binary files, compressed data) costs at most a few bytes
+more than zstd. With the float engine a group is coded again without the
+chunks that lost, because the decoder must rerun exactly the batch the
+encoder ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import zstandard
+
+from llmpipe import __version__
+from llmpipe.codec import LlmCoder
+from llmpipe.coder.frequencies import FREQ_BITS
+from llmpipe.engine.float_engine import FloatEngine, numeric_fingerprint
+from llmpipe.errors import UsageError
+from llmpipe.format.container import (
+    FLAG_GROUP_START,
+    MAX_CHUNK_SIZE,
+    Block,
+    BlockKind,
+    crc32,
+    end_record_bytes,
+    stream_header_bytes,
+)
+from llmpipe.models import cache
+from llmpipe.models.cache import LoadedModel
+from llmpipe.tokenization import ESCAPE_SYMBOLS
+
+DEFAULT_CHUNK_SIZE = 2048
+DEFAULT_BATCH = 64
+DEFAULT_THREADS = 2
+MIN_BYTES_PER_SYMBOL = 1.5
+"""Chunks that tokenise worse than this (binary data) skip the model: zstd wins there and it saves hours."""
+ZSTD_LEVEL = 19
+
+
+@dataclass
+class Stats:
+    """What a run did, for ``-v`` and the benchmarks."""
+
+    input_bytes: int = 0
+    output_bytes: int = 0
+    blocks: dict[str, int] = field(default_factory=lambda: {k.name.lower(): 0 for k in BlockKind if k})
+    llm_input_bytes: int = 0
+    llm_payload_bytes: int = 0
+    llm_symbols: int = 0
+    ideal_bits: float = 0.0
+    seconds: float = 0.0
+    model_load_seconds: float = 0.0
+
+    @property
+    def bits_per_byte(self) -> float:
+        return 8 * self.output_bytes / self.input_bytes if self.input_bytes else 0.0
+
+    @property
+    def coder_overhead(self) -> float:
+        """Coded LLM payload bits over the model's ideal code length, minus one."""
+        return 8 * self.llm_payload_bytes / self.ideal_bits - 1 if self.ideal_bits else 0.0
+
+
+def utf8_safe_split(buffer: bytes) -> int:
+    """Where to cut ``buffer`` so that no UTF-8 character is split (its length if nothing is open)."""
+    for back in range(1, min(4, len(buffer)) + 1):
+        byte = buffer[-back]
+        if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        if 0xC2 <= byte <= 0xF4:  # a lead byte that can start a valid character
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            if needed > back and len(buffer) > back:
+                return len(buffer) - back
+        break
+    return len(buffer)
+
+
+def iter_chunks(source: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    """Chunks of at most ``chunk_size`` bytes that never end inside a UTF-8 character."""
+    carry = b""
+    while True:
+        buffer = carry
+        while len(buffer) < chunk_size:
+            more = source.read(chunk_size - len(buffer))
+            if not more:
+                break
+            buffer += more
+        if len(buffer) < chunk_size:  # end of input
+            if buffer:
+                yield buffer
+            return
+        cut = utf8_safe_split(buffer)
+        carry = buffer[cut:]
+        yield buffer[:cut]
+
+
+class Compressor:
+    """Holds a loaded model and compresses any number of streams with it."""
+
+    def __init__(
+        self,
+        model: str | LoadedModel | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        batch: int = DEFAULT_BATCH,
+        threads: int = DEFAULT_THREADS,
+    ) -> None:
+        if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
+            raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
+        if not 1 <= batch <= 4096:
+            raise UsageError("batch must be between 1 and 4096")
+        if not 1 <= threads <= 256:
+            raise UsageError("threads must be between 1 and 256")
+        self.model = model if isinstance(model, LoadedModel) else cache.load(model)
+        self.chunk_size = chunk_size
+        self.batch = batch
+        self.threads = threads
+        self._coder = LlmCoder(FloatEngine(self.model, threads), self.model.tokenizer)
+        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+
+    def header(self) -> dict:
+        return {
+            "llmpipe": __version__,
+            "model": self.model.identity(),
+            "chunk_size": self.chunk_size,
+            "prime_token": self.model.tokenizer.prime_token,
+            "coder": {"name": "range64", "freq_bits": FREQ_BITS, "escape_symbols": ESCAPE_SYMBOLS},
+            "numerics": numeric_fingerprint(self.threads, self.batch),
+            "steering": None,
+        }
+
+    def compress_stream(
+        self, source: BinaryIO, sink: BinaryIO, progress: Callable[[Stats], None] | None = None
+    ) -> Stats:
+        """Compress all of ``source`` into one llmpipe stream written to ``sink``."""
+        stats = Stats(model_load_seconds=self.model.load_seconds)
+        started = time.perf_counter()
+        head = stream_header_bytes(self.header())
+        sink.write(head)
+        stats.output_bytes += len(head)
+        group: list[bytes] = []
+        count = 0
+        for chunk in iter_chunks(source, self.chunk_size):
+            group.append(chunk)
+            if len(group) == self.batch:
+                count += self._write_group(group, sink, stats)
+                group = []
+                stats.seconds = time.perf_counter() - started
+                if progress:
+                    progress(stats)
+        if group:
+            count += self._write_group(group, sink, stats)
+        tail = end_record_bytes(count, stats.input_bytes)
+        sink.write(tail)
+        stats.output_bytes += len(tail)
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def _write_group(self, chunks: list[bytes], sink: BinaryIO, stats: Stats) -> int:
+        tokenizer = self.model.tokenizer
+        fallback = [self._smallest_plain_block(c) for c in chunks]
+        symbols = [tokenizer.encode(c) for c in chunks]
+        limit = self._coder.engine.max_positions
+        candidates = [
+            i
+            for i, c in enumerate(chunks)
+            if len(symbols[i]) <= limit and len(c) >= MIN_BYTES_PER_SYMBOL * len(symbols[i])
+        ]
+        llm_blocks: dict[int, Block] = {}
+        ideal: dict[int, float] = {}
+        while candidates:
+            coded = self._coder.encode_group([symbols[i] for i in candidates])
+            llm_blocks = {
+                i: Block(BlockKind.LLM, 0, len(chunks[i]), payload, len(symbols[i]), crc32(chunks[i]))
+                for i, payload in zip(candidates, coded.payloads, strict=True)
+            }
+            ideal = dict(zip(candidates, coded.ideal_bits, strict=True))
+            winners = [i for i in candidates if len(llm_blocks[i].payload) < len(fallback[i].payload)]
+            if winners == candidates:
+                break
+            candidates = winners  # the decoder must replay exactly this batch: code it again
+        first = True
+        for i, chunk in enumerate(chunks):
+            block = llm_blocks[i] if i in candidates else fallback[i]
+            if block.kind == BlockKind.LLM:
+                block.flags = FLAG_GROUP_START if first else 0
+                first = False
+                stats.llm_input_bytes += len(chunk)
+                stats.llm_payload_bytes += len(block.payload)
+                stats.llm_symbols += block.token_count
+                stats.ideal_bits += ideal[i]
+            data = block.to_bytes()
+            sink.write(data)
+            stats.output_bytes += len(data)
+            stats.input_bytes += len(chunk)
+            stats.blocks[block.kind.name.lower()] += 1
+        return len(chunks)
+
+    def _smallest_plain_block(self, chunk: bytes) -> Block:
+        packed = self._zstd.compress(chunk)
+        if len(packed) < len(chunk):
+            return Block(BlockKind.ZSTD, 0, len(chunk), packed, 0, crc32(chunk))
+        return Block(BlockKind.RAW, 0, len(chunk), chunk, 0, crc32(chunk))
+
+    def compress(self, data: bytes) -> bytes:
+        """Compress a bytes object in memory."""
+        import io
+
+        sink = io.BytesIO()
+        self.compress_stream(io.BytesIO(data), sink)
+        return sink.getvalue()

@@ -1,0 +1,197 @@
+"""Streaming decompression: read blocks, decode, verify, and only then write.
+
+Nothing reaches the sink before its block's CRC32 matched. LLM blocks are
+decoded in the groups the encoder coded them in: a group starts at a block
+flagged ``GROUP_START`` and lies within one window of ``batch`` consecutive
+blocks, so at most ``batch`` blocks are held in memory. The model is loaded
+at the first LLM block, and its identity and numerics are checked against the
+header before any model work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from llmpipe.codec import LlmCoder
+from llmpipe.compressor import Stats
+from llmpipe.engine.float_engine import FloatEngine, numeric_fingerprint
+from llmpipe.errors import ArchiveError, ChecksumError, ModelError, ModelMismatchError
+from llmpipe.format.container import FLAG_GROUP_START, MAX_CHUNK_SIZE, Block, BlockKind, ContainerReader, crc32
+from llmpipe.models import cache
+from llmpipe.models.cache import LoadedModel
+
+
+@dataclass
+class _Pending:
+    number: int  # 1-based block number within its stream
+    offset: int  # original byte offset of the block
+    block: Block
+
+
+def _header_field(header: dict, path: str, kind: type):
+    value: object = header
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise ArchiveError(f"corrupt header: missing {path}")
+        value = value[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ArchiveError(f"corrupt header: bad {path}")
+    return value
+
+
+def _find_cached_model(weights_sha256: str) -> Path | None:
+    """A prepared model in the cache with these weights, whatever it is called."""
+    models = cache.cache_dir() / "models"
+    for meta_file in sorted(models.glob("*/llmpipe.json")) if models.is_dir() else []:
+        try:
+            if json.loads(meta_file.read_text()).get("weights_sha256") == weights_sha256:
+                return meta_file.parent
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class Decompressor:
+    """Decodes llmpipe archives; keeps the loaded model between streams."""
+
+    def __init__(self, model: str | LoadedModel | None = None, *, force: bool = False) -> None:
+        self._model_spec = model
+        self._force = force
+        self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None
+        self._coder: LlmCoder | None = None
+        self._coder_key: tuple | None = None
+
+    def _coder_for(self, header: dict) -> LlmCoder:
+        """Load the model (once) and check it and the numerics against the header."""
+        wanted = header["model"]
+        if self._model is None:
+            spec = self._model_spec
+            if spec is None:
+                found = _find_cached_model(str(wanted.get("weights_sha256")))
+                spec = str(found) if found else str(wanted.get("name"))
+            try:
+                self._model = cache.load(spec)  # type: ignore[arg-type]
+            except ModelError as exc:
+                raise ModelError(f"this archive needs model {wanted.get('name')!r}: {exc}") from None
+        have = self._model.identity()
+        for key in ("weights_sha256", "tokenizer_sha256"):
+            if have[key] != wanted.get(key):
+                raise ModelMismatchError(
+                    f"archive was made with model {wanted.get('name')!r} ({key} {str(wanted.get(key))[:12]}...), "
+                    f"but model {have['name']!r} ({have[key][:12]}...) is loaded"
+                )
+        numerics = _header_field(header, "numerics", dict)
+        if numerics.get("engine") != "float":
+            raise ArchiveError(f"unsupported numerics engine {numerics.get('engine')!r}")
+        threads = _header_field(header, "numerics.threads", int)
+        batch = _header_field(header, "numerics.batch", int)
+        if not (1 <= threads <= 256 and 1 <= batch <= 4096):
+            raise ArchiveError("corrupt header: threads or batch out of range")
+        mine = numeric_fingerprint(threads, batch)
+        differ = sorted(k for k in set(mine) | set(numerics) if mine.get(k) != numerics.get(k))
+        if differ and not self._force:
+            detail = ", ".join(f"{k} {numerics.get(k)!r} here {mine.get(k)!r}" for k in differ)
+            raise ModelMismatchError(
+                f"archive was made with float numerics that differ from this machine ({detail}); "
+                "it may not decode here (use -f to try anyway)"
+            )
+        key = (have["weights_sha256"], threads)
+        if self._coder is None or self._coder_key != key:
+            self._coder = LlmCoder(FloatEngine(self._model, threads), self._model.tokenizer)
+            self._coder_key = key
+        return self._coder
+
+    def decompress_stream(self, source: BinaryIO, sink: BinaryIO, name: str = "<stdin>") -> Stats:
+        """Decode every stream in ``source`` (concatenated archives) into ``sink``."""
+        stats = Stats()
+        started = time.perf_counter()
+        reader = ContainerReader(source, name)
+        first = True
+        while (header := reader.read_stream_header(first)) is not None:
+            first = False
+            self._decode_one_stream(reader, header, sink, stats)
+        stats.output_bytes = reader.offset
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def _decode_one_stream(self, reader: ContainerReader, header: dict, sink: BinaryIO, stats: Stats) -> None:
+        chunk_size = _header_field(header, "chunk_size", int)
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ArchiveError(f"corrupt header: chunk size {chunk_size}")
+        _header_field(header, "model", dict)
+        batch = _header_field(header, "numerics.batch", int)
+        max_tokens = chunk_size
+        pending: list[_Pending] = []
+        number = 0
+        offset = 0
+        while True:
+            record = reader.read_block(chunk_size, max_tokens)
+            window_changed = pending and (number // batch) != (pending[0].number - 1) // batch
+            starts_group = isinstance(record, Block) and record.flags & FLAG_GROUP_START
+            if pending and (not isinstance(record, Block) or window_changed or starts_group):
+                self._flush(pending, header, sink, stats)
+                pending = []
+            if not isinstance(record, Block):
+                count, total = record
+                if count != number or total != offset:
+                    raise ArchiveError(
+                        f"corrupt end record: says {count} blocks / {total} bytes, found {number} / {offset}"
+                    )
+                return
+            number += 1
+            if record.kind == BlockKind.LLM and not pending and not starts_group:
+                raise ArchiveError(f"corrupt archive: block {number} continues a group that never started")
+            pending.append(_Pending(number, offset, record))
+            offset += record.original_size
+            if all(p.block.kind != BlockKind.LLM for p in pending):
+                self._flush(pending, header, sink, stats)
+                pending = []
+
+    def _flush(self, pending: list[_Pending], header: dict, sink: BinaryIO, stats: Stats) -> None:
+        llm = [p for p in pending if p.block.kind == BlockKind.LLM]
+        decoded: dict[int, bytes] = {}
+        if llm:
+            coder = self._coder_for(header)
+            prime = _header_field(header, "prime_token", int)
+            if prime != coder.tokenizer.prime_token:
+                raise ModelMismatchError("archive uses a different prime token than this tokenizer")
+            symbol_lists = coder.decode_group([p.block.payload for p in llm], [p.block.token_count for p in llm])
+            for item, symbols in zip(llm, symbol_lists, strict=True):
+                try:
+                    decoded[item.number] = coder.tokenizer.decode(symbols)
+                except ValueError:
+                    decoded[item.number] = b""  # reported as a checksum mismatch below
+        for item in pending:
+            block = item.block
+            if block.kind == BlockKind.LLM:
+                data = decoded[item.number]
+            elif block.kind == BlockKind.ZSTD:
+                data = _unzstd(block)
+            else:
+                data = block.payload
+            if len(data) != block.original_size or crc32(data) != block.checksum:
+                end = item.offset + block.original_size - 1
+                raise ChecksumError(f"block {item.number} (bytes {item.offset}-{end}): checksum mismatch")
+            sink.write(data)
+            stats.input_bytes += len(data)
+            stats.blocks[block.kind.name.lower()] += 1
+
+    def decompress(self, data: bytes) -> bytes:
+        """Decompress a bytes object in memory."""
+        sink = io.BytesIO()
+        self.decompress_stream(io.BytesIO(data), sink)
+        return sink.getvalue()
+
+
+def _unzstd(block: Block) -> bytes:
+    try:
+        return zstandard.ZstdDecompressor().decompress(block.payload, max_output_size=block.original_size)
+    except zstandard.ZstdError:
+        return b""  # reported as a checksum mismatch by the caller

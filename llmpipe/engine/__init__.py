@@ -1,0 +1,1 @@
+"""Inference engines: turn token histories into logits for the coder."""

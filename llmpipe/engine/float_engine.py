@@ -1,0 +1,62 @@
+"""The float32 lockstep engine: bit-exact only against itself on the same machine.
+
+Floating-point results depend on batch shape, thread count, CPU instruction
+set and library versions (see ``../shared/GUIDE.md``, "Exact numerics").
+So the encoder runs exactly the decoder's schedule: the same rows in the same
+batch, one position per step through a preallocated KV cache, the same thread
+count; and the archive records a fingerprint of everything else, which the
+decoder compares with its own before doing any work.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import torch
+
+from llmpipe.models.cache import LoadedModel
+from llmpipe.models.llama import KVCache, Llama
+
+
+def numeric_fingerprint(threads: int, batch: int) -> dict:
+    """Everything that can change a float32 logit on this machine."""
+    return {
+        "engine": "float",
+        "dtype": "float32",
+        "device": "cpu",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "threads": threads,
+        "batch": batch,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
+class LockstepSession:
+    """``rows`` sequences advanced together one position per :meth:`step`."""
+
+    def __init__(self, llama: Llama, rows: int, max_len: int) -> None:
+        self._llama = llama
+        self._cache: KVCache = llama.new_cache(rows, max_len)
+
+    def step(self, inputs: list[int]) -> np.ndarray:
+        """Feed one token per row; return next-token logits, (rows, V) float32."""
+        tokens = torch.tensor(inputs, dtype=torch.long).unsqueeze(1)  # (B, 1)
+        with torch.inference_mode():
+            logits = self._llama.forward(tokens, self._cache)  # (B, 1, V)
+        return logits[:, 0].numpy()
+
+
+class FloatEngine:
+    """Runs a loaded model in float32 on the CPU with a fixed thread count."""
+
+    def __init__(self, model: LoadedModel, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.max_positions = model.config.max_position_embeddings
+        self._llama = Llama(model.config, model.weights, torch.float32)
+
+    def session(self, rows: int, max_len: int) -> LockstepSession:
+        return LockstepSession(self._llama, rows, max_len)

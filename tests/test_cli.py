@@ -1,0 +1,138 @@
+"""The command line through a real subprocess: exit codes, stderr, stdout bytes, files."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_model import DATA
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (DATA / "alice_chapter1.txt").read_bytes()[:1500]
+
+
+def run(args, stdin=b"", env=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bin" / "llmpipe"), *args],
+        input=stdin,
+        capture_output=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_args(tiny_model, tiny_model_dir):
+    return ["--model", str(tiny_model_dir), "--chunk-size", "512", "--batch", "2"]
+
+
+@pytest.fixture(scope="module")
+def archive(model_args):
+    done = run(["-c", *model_args], TEXT)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b""
+    return done.stdout
+
+
+def test_filter_round_trip(archive, model_args):
+    assert archive[:6] == b"\xfaLLMP\x00"
+    done = run(["-d", *model_args], archive)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == TEXT
+
+
+def test_decoder_finds_the_model_by_hash_without_model_option(archive):
+    done = run(["-d"], archive)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == TEXT
+
+
+def test_not_an_archive_is_one_line_exit_1():
+    done = run(["-d"], b"hello, not an archive")
+    assert done.returncode == 1
+    assert done.stdout == b""
+    assert done.stderr.decode().strip() == "llmpipe: not an llmpipe archive (wrong magic)"
+
+
+def test_damaged_archive_writes_nothing_unverified(archive):
+    damaged = bytearray(archive)
+    damaged[len(archive) // 2] ^= 0x01
+    done = run(["-d"], bytes(damaged))
+    assert done.returncode == 1
+    assert b"Traceback" not in done.stderr
+    assert len(done.stderr.decode().strip().splitlines()) == 1
+    assert TEXT.startswith(done.stdout)  # only verified blocks before the damage
+
+
+def test_truncated_archive(archive):
+    done = run(["-d"], archive[:-20])
+    assert done.returncode == 1
+    assert "truncated" in done.stderr.decode() or "checksum" in done.stderr.decode()
+
+
+def test_file_mode_keeps_source_and_refuses_overwrite(tmp_path, model_args):
+    source = tmp_path / "a.txt"
+    source.write_bytes(TEXT)
+    assert run([*model_args, str(source)]).returncode == 0
+    packed = tmp_path / "a.txt.llmp"
+    assert packed.exists() and source.exists()
+    source.rename(tmp_path / "orig.txt")
+    done = run(["-d", str(packed)])
+    assert done.returncode == 0, done.stderr
+    assert source.read_bytes() == TEXT
+    again = run(["-d", str(packed)])
+    assert again.returncode == 1 and b"already exists" in again.stderr
+    assert run(["-d", "-f", str(packed)]).returncode == 0
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_failed_decompression_leaves_no_output_file(tmp_path, archive):
+    bad = tmp_path / "bad.llmp"
+    bad.write_bytes(archive[:-30])
+    done = run(["-d", str(bad)])
+    assert done.returncode == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.llmp"]
+
+
+def test_output_option_and_missing_input(tmp_path, archive):
+    (tmp_path / "x.llmp").write_bytes(archive)
+    assert run(["-d", str(tmp_path / "x.llmp"), "-o", str(tmp_path / "y")]).returncode == 0
+    assert (tmp_path / "y").read_bytes() == TEXT
+    done = run(["-d", str(tmp_path / "missing.llmp")])
+    assert done.returncode == 1 and b"no such file" in done.stderr
+
+
+def test_wrong_model_is_refused_before_any_output(archive, tmp_path):
+    from tests.tiny_model import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", train_steps=1, seed=3)
+    done = run(["-d", "--model", str(other)], archive)
+    assert done.returncode == 1
+    assert b"archive was made with model" in done.stderr
+    assert done.stdout == b""
+
+
+def test_missing_default_model_message(tmp_path):
+    done = run(["-c"], b"x", env={"LLMPIPE_CACHE": str(tmp_path)})
+    assert done.returncode == 1
+    assert b"llmpipe fetch" in done.stderr
+
+
+def test_version_and_bad_option():
+    assert run(["-V"]).stdout.startswith(b"llmpipe ")
+    done = run(["--no-such-option"])
+    assert done.returncode != 0 and b"Traceback" not in done.stderr
+
+
+def test_dev_full_fails(archive):
+    if not Path("/dev/full").exists():
+        pytest.skip("/dev/full not available")
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "bin" / "llmpipe"), "-d"], input=archive, stdout=full, stderr=subprocess.PIPE
+        )
+    assert done.returncode == 1
+    assert b"Traceback" not in done.stderr

@@ -1,0 +1,103 @@
+"""Round trips through the compressor and decompressor with the tiny model."""
+
+import io
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmpipe.compressor import Compressor, utf8_safe_split
+from llmpipe.decompressor import Decompressor
+from llmpipe.errors import ChecksumError, ModelMismatchError
+from tests.tiny_model import DATA
+
+TEXT = (DATA / "alice_chapter1.txt").read_bytes()
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def compressor(tiny_model):
+    return Compressor(tiny_model, chunk_size=CHUNK, batch=4, threads=1)
+
+
+@pytest.fixture(scope="module")
+def decompressor(tiny_model):
+    return Decompressor(tiny_model)
+
+
+CASES = {
+    "empty": b"",
+    "one byte": b"a",
+    "chunk-1": TEXT[: CHUNK - 1],
+    "chunk": TEXT[:CHUNK],
+    "chunk+1": TEXT[: CHUNK + 1],
+    "random bytes": random.Random(7).randbytes(700),
+    "invalid utf8": b"ok \xff\xfe\xc3 \xed\xa0\x80 end" * 20,
+    "crlf": TEXT[:600].replace(b"\n", b"\r\n"),
+    "nul": b"\x00" * 300 + b"text\x00more",
+    "special tokens": b"<|endoftext|><|im_start|>system\nhi<|im_end|>" * 8,
+    "multibyte across chunk edges": "é€😀".encode() * 200,
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_round_trip(compressor, decompressor, name):
+    data = CASES[name]
+    archive = compressor.compress(data)
+    assert decompressor.decompress(archive) == data
+
+
+def test_text_is_coded_by_the_model_near_its_ideal_length(compressor, decompressor):
+    sink = io.BytesIO()
+    stats = compressor.compress_stream(io.BytesIO(TEXT), sink)
+    assert decompressor.decompress(sink.getvalue()) == TEXT
+    assert stats.blocks["llm"] > stats.blocks["zstd"] + stats.blocks["raw"]
+    assert 0 <= stats.coder_overhead < 0.02  # tiny chunks; the bench measures the real overhead
+
+
+def test_a_few_hundred_kilobytes(tiny_model):
+    data = (TEXT * 25)[:300_000]
+    compressor = Compressor(tiny_model, chunk_size=4096, batch=64, threads=2)
+    assert Decompressor(tiny_model).decompress(compressor.compress(data)) == data
+
+
+def test_concatenated_archives_decode_to_concatenation(compressor, decompressor):
+    archive = compressor.compress(b"first part\n") + compressor.compress(TEXT[:500])
+    assert decompressor.decompress(archive) == b"first part\n" + TEXT[:500]
+
+
+def test_damaged_llm_payload_is_a_checksum_error(compressor, decompressor):
+    archive = bytearray(compressor.compress(TEXT[:CHUNK]))
+    archive[-12] ^= 0x10  # inside the last block's payload, before the end record
+    with pytest.raises(ChecksumError, match=r"block 1 \(bytes 0-255\): checksum mismatch"):
+        decompressor.decompress(bytes(archive))
+
+
+def test_other_model_is_refused(tiny_model, tiny_model_dir, tmp_path, compressor):
+    from llmpipe.models import cache
+    from tests.tiny_model import build_tiny_model
+
+    other = cache.load(str(build_tiny_model(tmp_path / "other", train_steps=1, seed=1)))
+    archive = compressor.compress(TEXT[:1000])
+    with pytest.raises(ModelMismatchError, match="archive was made with model"):
+        Decompressor(other).decompress(archive)
+
+
+def test_utf8_safe_split():
+    assert utf8_safe_split(b"abc") == 3
+    assert utf8_safe_split("aé".encode()[:-1]) == 1
+    assert utf8_safe_split("a€".encode()[:-1]) == 1
+    assert utf8_safe_split("a€".encode()) == 4
+    assert utf8_safe_split(b"\xff\xff") == 2
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.binary(max_size=600) | st.text(max_size=300).map(str.encode),
+    chunk_size=st.integers(16, 300),
+    batch=st.integers(1, 5),
+)
+def test_property_round_trip(tiny_model, data, chunk_size, batch):
+    archive = Compressor(tiny_model, chunk_size=chunk_size, batch=batch, threads=1).compress(data)
+    assert Decompressor(tiny_model).decompress(archive) == data
