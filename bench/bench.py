@@ -141,6 +141,31 @@ def sweep(args: argparse.Namespace) -> None:
     save(args.name, {"kind": "sweep", "model": model.name, "file": args.file, "rows": rows})
 
 
+def roundtrip(args: argparse.Namespace) -> None:
+    """`llmpipe -c | llmpipe -d` through the real CLI for every corpus file, sliced to --bytes."""
+    launcher = [sys.executable, str(ROOT / "bin" / "llmpipe")]
+    rows = []
+    files = sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.name not in ("MANIFEST.md", "SHA256SUMS"))
+    if not files:
+        raise SystemExit("../shared/corpus not available")
+    for path in files:
+        data = path.read_bytes()[: args.bytes]
+        started = time.perf_counter()
+        options = ["--chunk-size", str(args.chunk_size), "--batch", str(args.batch)]
+        packed = subprocess.run([*launcher, "-c", *options], input=data, capture_output=True)
+        restored = subprocess.run([*launcher, "-d"], input=packed.stdout, capture_output=True)
+        row = {
+            "file": str(path.relative_to(CORPUS)),
+            "bytes": len(data),
+            "ok": packed.returncode == 0 and restored.returncode == 0 and restored.stdout == data,
+            "bpb": 8 * len(packed.stdout) / len(data),
+            "seconds": time.perf_counter() - started,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    save(args.name, {"kind": "roundtrip", "model": "default", "chunk_size": args.chunk_size, "rows": rows})
+
+
 def report(args: argparse.Namespace) -> None:
     lines = [
         "# Benchmarks",
@@ -208,7 +233,7 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "sweep"):
+    for name in ("run", "sweep", "roundtrip"):
         p = sub.add_parser(name)
         p.add_argument("--name", required=True)
         p.add_argument("--model", default=None)
@@ -218,12 +243,14 @@ def main() -> None:
     runner.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     runner.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     runner.add_argument("files", nargs="*")
+    sub.choices["roundtrip"].add_argument("--chunk-size", type=int, default=512)
+    sub.choices["roundtrip"].add_argument("--batch", type=int, default=DEFAULT_BATCH)
     sweeper = sub.choices["sweep"]
     sweeper.add_argument("--file", default="enwik/enwik8_first_1000000")
     sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
     sub.add_parser("report").add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
-    {"run": run, "sweep": sweep, "report": report}[args.command](args)
+    {"run": run, "sweep": sweep, "roundtrip": roundtrip, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

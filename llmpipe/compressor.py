@@ -20,11 +20,12 @@ import zstandard
 from llmpipe import __version__
 from llmpipe.codec import LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
-from llmpipe.engine.float_engine import FloatEngine, numeric_fingerprint
+from llmpipe.engine.float_engine import KV_CACHE_LIMIT, FloatEngine, numeric_fingerprint
 from llmpipe.errors import UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
+    MAX_WINDOW,
     Block,
     BlockKind,
     crc32,
@@ -81,23 +82,44 @@ def utf8_safe_split(buffer: bytes) -> int:
     return len(buffer)
 
 
-def iter_chunks(source: BinaryIO, chunk_size: int) -> Iterator[bytes]:
-    """Chunks of at most ``chunk_size`` bytes that never end inside a UTF-8 character."""
+def iter_windows(source: BinaryIO, window_size: int) -> Iterator[bytes]:
+    """Pieces of at most ``window_size`` bytes that never end inside a UTF-8 character."""
     carry = b""
     while True:
         buffer = carry
-        while len(buffer) < chunk_size:
-            more = source.read(chunk_size - len(buffer))
+        while len(buffer) < window_size:
+            more = source.read(window_size - len(buffer))
             if not more:
                 break
             buffer += more
-        if len(buffer) < chunk_size:  # end of input
+        if len(buffer) < window_size:  # end of input
             if buffer:
                 yield buffer
             return
         cut = utf8_safe_split(buffer)
         carry = buffer[cut:]
         yield buffer[:cut]
+
+
+def split_rows(symbols: list[int], spellings: list[bytes], rows: int) -> list[list[int]]:
+    """Cut a window's symbols into ``rows`` runs of (nearly) equal length.
+
+    Equal lengths keep every row of a lockstep group busy until the last step.
+    A cut that would start a row with a UTF-8 continuation byte moves forward
+    by up to three symbols, so rows start on character boundaries where the
+    text allows it.
+    """
+    rows = max(1, min(rows, len(symbols)))
+    cuts = [len(symbols) * k // rows for k in range(rows + 1)]
+    for k in range(1, rows):
+        cut = cuts[k]
+        for _ in range(3):
+            first = spellings[symbols[cut]][0] if cut < cuts[k + 1] - 1 else None
+            if first is None or not 0x80 <= first <= 0xBF:
+                break
+            cut += 1
+        cuts[k] = cut
+    return [symbols[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
 class Compressor:
@@ -115,13 +137,23 @@ class Compressor:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
         if not 1 <= batch <= 4096:
             raise UsageError("batch must be between 1 and 4096")
+        if batch * chunk_size > MAX_WINDOW:
+            raise UsageError(f"batch x chunk size must stay within {MAX_WINDOW >> 20} MiB")
         if not 1 <= threads <= 256:
             raise UsageError("threads must be between 1 and 256")
         self.model = model if isinstance(model, LoadedModel) else cache.load(model)
         self.chunk_size = chunk_size
         self.batch = batch
         self.threads = threads
-        self._coder = LlmCoder(FloatEngine(self.model, threads), self.model.tokenizer)
+        engine = FloatEngine(self.model, threads)
+        worst_positions = min(int(chunk_size / MIN_BYTES_PER_SYMBOL), engine.max_positions)
+        worst_bytes = batch * worst_positions * engine.kv_bytes_per_position
+        if worst_bytes > KV_CACHE_LIMIT:
+            raise UsageError(
+                f"--batch {batch} with --chunk-size {chunk_size} may need {worst_bytes / 2**30:.1f} GiB of KV cache "
+                f"(limit {KV_CACHE_LIMIT >> 30} GiB): use a smaller batch or chunk size"
+            )
+        self._coder = LlmCoder(engine, self.model.tokenizer)
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 
     def header(self) -> dict:
@@ -144,34 +176,31 @@ class Compressor:
         head = stream_header_bytes(self.header())
         sink.write(head)
         stats.output_bytes += len(head)
-        group: list[bytes] = []
         count = 0
-        for chunk in iter_chunks(source, self.chunk_size):
-            group.append(chunk)
-            if len(group) == self.batch:
-                count += self._write_group(group, sink, stats)
-                group = []
-                stats.seconds = time.perf_counter() - started
-                if progress:
-                    progress(stats)
-        if group:
-            count += self._write_group(group, sink, stats)
+        for window in iter_windows(source, self.chunk_size * self.batch):
+            count += self._write_window(window, sink, stats)
+            stats.seconds = time.perf_counter() - started
+            if progress:
+                progress(stats)
         tail = end_record_bytes(count, stats.input_bytes)
         sink.write(tail)
         stats.output_bytes += len(tail)
         stats.seconds = time.perf_counter() - started
         return stats
 
-    def _write_group(self, chunks: list[bytes], sink: BinaryIO, stats: Stats) -> int:
+    def _write_window(self, window: bytes, sink: BinaryIO, stats: Stats) -> int:
+        """Code one window as up to ``batch`` rows (chunks); returns the number of blocks written."""
         tokenizer = self.model.tokenizer
-        fallback = [self._smallest_plain_block(c) for c in chunks]
-        symbols = [tokenizer.encode(c) for c in chunks]
+        rows = -(-len(window) // self.chunk_size)
+        symbols = split_rows(tokenizer.encode(window), tokenizer.spellings, rows)
+        chunks = [tokenizer.decode(row) for row in symbols]
         limit = self._coder.engine.max_positions
         candidates = [
             i
             for i, c in enumerate(chunks)
             if len(symbols[i]) <= limit and len(c) >= MIN_BYTES_PER_SYMBOL * len(symbols[i])
         ]
+        plain_size = {i: len(self._plain_block(chunks[i]).payload) for i in candidates}
         llm_blocks: dict[int, Block] = {}
         ideal: dict[int, float] = {}
         while candidates:
@@ -181,32 +210,44 @@ class Compressor:
                 for i, payload in zip(candidates, coded.payloads, strict=True)
             }
             ideal = dict(zip(candidates, coded.ideal_bits, strict=True))
-            winners = [i for i in candidates if len(llm_blocks[i].payload) < len(fallback[i].payload)]
+            winners = [i for i in candidates if len(llm_blocks[i].payload) < plain_size[i]]
             if winners == candidates:
                 break
             candidates = winners  # the decoder must replay exactly this batch: code it again
-        first = True
+        if candidates:
+            first = llm_blocks[candidates[0]]
+            first.flags, first.group_rows = FLAG_GROUP_START, len(candidates)
+        chosen = set(candidates)
+        blocks: list[Block] = []
+        plain_run: list[bytes] = []  # consecutive chunks the model did not win, stored as one block
         for i, chunk in enumerate(chunks):
-            block = llm_blocks[i] if i in candidates else fallback[i]
-            if block.kind == BlockKind.LLM:
-                block.flags = FLAG_GROUP_START if first else 0
-                first = False
-                stats.llm_input_bytes += len(chunk)
-                stats.llm_payload_bytes += len(block.payload)
-                stats.llm_symbols += block.token_count
-                stats.ideal_bits += ideal[i]
+            if i not in chosen:
+                plain_run.append(chunk)
+                continue
+            if plain_run:
+                blocks.append(self._plain_block(b"".join(plain_run)))
+                plain_run = []
+            blocks.append(llm_blocks[i])
+            stats.llm_input_bytes += len(chunk)
+            stats.llm_payload_bytes += len(llm_blocks[i].payload)
+            stats.llm_symbols += llm_blocks[i].token_count
+            stats.ideal_bits += ideal[i]
+        if plain_run:
+            blocks.append(self._plain_block(b"".join(plain_run)))
+        for block in blocks:
             data = block.to_bytes()
             sink.write(data)
             stats.output_bytes += len(data)
-            stats.input_bytes += len(chunk)
+            stats.input_bytes += block.original_size
             stats.blocks[block.kind.name.lower()] += 1
-        return len(chunks)
+        return len(blocks)
 
-    def _smallest_plain_block(self, chunk: bytes) -> Block:
-        packed = self._zstd.compress(chunk)
-        if len(packed) < len(chunk):
-            return Block(BlockKind.ZSTD, 0, len(chunk), packed, 0, crc32(chunk))
-        return Block(BlockKind.RAW, 0, len(chunk), chunk, 0, crc32(chunk))
+    def _plain_block(self, data: bytes) -> Block:
+        """The smaller of a zstd and a raw block for ``data``."""
+        packed = self._zstd.compress(data)
+        if len(packed) < len(data):
+            return Block(BlockKind.ZSTD, 0, len(data), packed, 0, crc32(data))
+        return Block(BlockKind.RAW, 0, len(data), data, 0, crc32(data))
 
     def compress(self, data: bytes) -> bytes:
         """Compress a bytes object in memory."""

@@ -2,8 +2,8 @@
 
 Nothing reaches the sink before its block's CRC32 matched. LLM blocks are
 decoded in the groups the encoder coded them in: a group starts at a block
-flagged ``GROUP_START`` and lies within one window of ``batch`` consecutive
-blocks, so at most ``batch`` blocks are held in memory. The model is loaded
+flagged ``GROUP_START``, which says how many LLM blocks (rows) it has, so at
+most about ``2 x batch`` blocks are held in memory. The model is loaded
 at the first LLM block, and its identity and numerics are checked against the
 header before any model work.
 """
@@ -23,7 +23,16 @@ from llmpipe.codec import LlmCoder
 from llmpipe.compressor import Stats
 from llmpipe.engine.float_engine import FloatEngine, numeric_fingerprint
 from llmpipe.errors import ArchiveError, ChecksumError, ModelError, ModelMismatchError
-from llmpipe.format.container import FLAG_GROUP_START, MAX_CHUNK_SIZE, Block, BlockKind, ContainerReader, crc32
+from llmpipe.format.container import (
+    FLAG_GROUP_START,
+    MAX_CHUNK_SIZE,
+    MAX_ROWS,
+    MAX_WINDOW,
+    Block,
+    BlockKind,
+    ContainerReader,
+    crc32,
+)
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
 
@@ -127,18 +136,18 @@ class Decompressor:
             raise ArchiveError(f"corrupt header: chunk size {chunk_size}")
         _header_field(header, "model", dict)
         batch = _header_field(header, "numerics.batch", int)
-        max_tokens = chunk_size
-        pending: list[_Pending] = []
+        if not 1 <= batch <= MAX_ROWS:
+            raise ArchiveError(f"corrupt header: batch {batch} out of range")
+        max_size = min(batch * chunk_size, MAX_WINDOW)
+        pending: list[_Pending] = []  # blocks held until their lockstep group is complete
+        rows_missing = 0  # LLM blocks the open group still needs
         number = 0
         offset = 0
         while True:
-            record = reader.read_block(chunk_size, max_tokens)
-            window_changed = pending and (number // batch) != (pending[0].number - 1) // batch
-            starts_group = isinstance(record, Block) and record.flags & FLAG_GROUP_START
-            if pending and (not isinstance(record, Block) or window_changed or starts_group):
-                self._flush(pending, header, sink, stats)
-                pending = []
+            record = reader.read_block(max_size, batch)
             if not isinstance(record, Block):
+                if rows_missing:
+                    raise ArchiveError(f"corrupt archive: stream ends inside a group ({rows_missing} blocks missing)")
                 count, total = record
                 if count != number or total != offset:
                     raise ArchiveError(
@@ -146,11 +155,19 @@ class Decompressor:
                     )
                 return
             number += 1
-            if record.kind == BlockKind.LLM and not pending and not starts_group:
-                raise ArchiveError(f"corrupt archive: block {number} continues a group that never started")
+            if record.kind == BlockKind.LLM:
+                if record.flags & FLAG_GROUP_START:
+                    if rows_missing:
+                        raise ArchiveError(f"corrupt archive: block {number} starts a group inside another")
+                    rows_missing = record.group_rows
+                elif not rows_missing:
+                    raise ArchiveError(f"corrupt archive: block {number} continues a group that never started")
+                rows_missing -= 1
             pending.append(_Pending(number, offset, record))
             offset += record.original_size
-            if all(p.block.kind != BlockKind.LLM for p in pending):
+            if len(pending) > 2 * batch + 1:  # rows interleave with at most one plain block each
+                raise ArchiveError(f"corrupt archive: group at block {pending[0].number} never completes")
+            if not rows_missing:
                 self._flush(pending, header, sink, stats)
                 pending = []
 

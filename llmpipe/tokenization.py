@@ -87,7 +87,7 @@ class ByteTokenizer:
                 byte_ids.setdefault(spelling, token_id)
         self._byte_symbol = [byte_ids.get(bytes([b]), vocab_size + b) for b in range(256)]
         self.alphabet_size = vocab_size + ESCAPE_SYMBOLS
-        self._spelled = self.token_bytes + [bytes([b]) for b in range(ESCAPE_SYMBOLS)]
+        self.spellings = [b or b"" for b in self.token_bytes] + [bytes([b]) for b in range(ESCAPE_SYMBOLS)]
         self.prime_token = self._pick_prime_token(spec)
         self.sha256 = self._table_hash()
 
@@ -143,11 +143,13 @@ class ByteTokenizer:
 
     def decode(self, symbols: list[int]) -> bytes:
         """Concatenate the symbols' bytes; raises ValueError for a symbol without a spelling."""
-        spelled = self._spelled
         try:
-            return b"".join([spelled[s] for s in symbols])  # type: ignore[misc]
-        except (TypeError, IndexError) as exc:
-            raise ValueError("symbol without a byte spelling") from exc
+            data = [self.spellings[s] for s in symbols]
+        except IndexError as exc:
+            raise ValueError("symbol outside the alphabet") from exc
+        if not all(data):
+            raise ValueError("symbol without a byte spelling")
+        return b"".join(data)
 
     def model_input(self, symbol: int) -> int:
         """The token the model is fed after ``symbol`` was coded."""

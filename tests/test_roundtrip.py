@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmpipe.compressor import Compressor, utf8_safe_split
+from llmpipe.compressor import Compressor, split_rows, utf8_safe_split
 from llmpipe.decompressor import Decompressor
 from llmpipe.errors import ChecksumError, ModelMismatchError
 from tests.tiny_model import DATA
@@ -101,3 +101,15 @@ def test_utf8_safe_split():
 def test_property_round_trip(tiny_model, data, chunk_size, batch):
     archive = Compressor(tiny_model, chunk_size=chunk_size, batch=batch, threads=1).compress(data)
     assert Decompressor(tiny_model).decompress(archive) == data
+
+
+def test_rows_have_equal_symbol_counts_and_start_on_characters():
+    spellings = [bytes([b]) for b in range(256)] + ["é".encode()[:1], "é".encode()[1:]]
+    symbols = [97] + [256, 257] * 50  # cuts at 20, 40, ... land on continuation bytes
+    rows = split_rows(symbols, spellings, 5)
+    assert [s for row in rows for s in row] == symbols
+    lengths = [len(r) for r in rows]
+    assert max(lengths) - min(lengths) <= 3
+    assert all(not 0x80 <= spellings[row[0]][0] <= 0xBF for row in rows)
+    assert split_rows([1, 2], spellings, 10) == [[1], [2]]
+    assert split_rows([], spellings, 3) == [[]]

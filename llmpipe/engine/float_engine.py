@@ -15,6 +15,7 @@ import platform
 import numpy as np
 import torch
 
+from llmpipe.errors import LlmpipeError
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.llama import KVCache, Llama
 
@@ -49,14 +50,29 @@ class LockstepSession:
         return logits[:, 0].numpy()
 
 
+KV_CACHE_LIMIT = 12 << 30
+"""Largest key/value cache one lockstep group may allocate (bytes): bounds memory on hostile archives too."""
+
+
 class FloatEngine:
     """Runs a loaded model in float32 on the CPU with a fixed thread count."""
 
     def __init__(self, model: LoadedModel, threads: int) -> None:
         torch.set_num_threads(threads)
         self.threads = threads
-        self.max_positions = model.config.max_position_embeddings
-        self._llama = Llama(model.config, model.weights, torch.float32)
+        cfg = model.config
+        self.max_positions = cfg.max_position_embeddings
+        self.kv_bytes_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+        self._llama = Llama(cfg, model.weights, torch.float32)
 
     def session(self, rows: int, max_len: int) -> LockstepSession:
+        """A lockstep group; refuses groups longer than the model's context or larger than the memory limit."""
+        if max_len > self.max_positions:
+            raise LlmpipeError(f"{max_len} symbols in one block exceed the model's context of {self.max_positions}")
+        needed = rows * max_len * self.kv_bytes_per_position
+        if needed > KV_CACHE_LIMIT:
+            raise LlmpipeError(
+                f"{rows} rows x {max_len} positions need {needed / 2**30:.1f} GiB of KV cache, "
+                f"over the {KV_CACHE_LIMIT >> 30} GiB limit (use a smaller --batch or --chunk-size)"
+            )
         return LockstepSession(self._llama, rows, max_len)

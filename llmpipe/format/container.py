@@ -22,7 +22,9 @@ from llmpipe.errors import ArchiveError
 MAGIC = b"\xfaLLMP\x00"  # 0xFA is never valid UTF-8
 VERSION = 1
 MAX_HEADER_BYTES = 16 << 20  # compressed and decompressed header size limit
-MAX_CHUNK_SIZE = 16 << 20  # largest original size of one block
+MAX_CHUNK_SIZE = 16 << 20  # largest chunk size a header may declare
+MAX_WINDOW = 256 << 20  # largest window (batch x chunk size), and so the largest block
+MAX_ROWS = 4096  # largest lockstep group
 _VARINT_MAX_BYTES = 9
 
 
@@ -63,12 +65,15 @@ class Block:
     payload: bytes
     token_count: int
     checksum: int  # CRC32 of the original bytes
+    group_rows: int = 0  # rows of the lockstep group this block starts (GROUP_START blocks only)
 
     def to_bytes(self) -> bytes:
         head = bytearray([self.kind, self.flags])
         head += encode_varint(self.original_size) + encode_varint(len(self.payload))
         if self.kind == BlockKind.LLM:
             head += encode_varint(self.token_count)
+        if self.flags & FLAG_GROUP_START:
+            head += encode_varint(self.group_rows)
         head += struct.pack("<I", self.checksum)
         head += struct.pack("<I", crc32(bytes(head)))
         return bytes(head) + self.payload
@@ -157,8 +162,12 @@ class ContainerReader:
             raise ArchiveError("corrupt header: not an object")
         return header
 
-    def read_block(self, chunk_size: int, max_tokens: int) -> Block | tuple[int, int]:
-        """The next block, or ``(block_count, total_size)`` from the end record."""
+    def read_block(self, max_size: int, max_rows: int) -> Block | tuple[int, int]:
+        """The next block, or ``(block_count, total_size)`` from the end record.
+
+        A block holds at most ``max_size`` original bytes and a group at most
+        ``max_rows`` rows; both are checked before the payload is read.
+        """
         head = bytearray(self._read(2, "block header"))
         kind, flags = head
         if kind == BlockKind.END:
@@ -178,16 +187,20 @@ class ContainerReader:
         original_size = self._varint("block header", head)
         payload_size = self._varint("block header", head)
         tokens = self._varint("block header", head) if kind == BlockKind.LLM else 0
+        rows = self._varint("block header", head) if flags & FLAG_GROUP_START else 0
         content_crc = self._read(4, "block header")
         head += content_crc
         (header_crc,) = struct.unpack("<I", self._read(4, "block header"))
         if crc32(bytes(head)) != header_crc:
             raise ArchiveError(f"corrupt block header: CRC mismatch at byte {self.offset - 4}")
-        if not 0 < original_size <= chunk_size:
-            raise ArchiveError(f"corrupt block header: original size {original_size} outside 1..{chunk_size}")
+        if not 0 < original_size <= max_size:
+            raise ArchiveError(f"corrupt block header: original size {original_size} outside 1..{max_size}")
         if payload_size > original_size or (kind == BlockKind.RAW and payload_size != original_size):
             raise ArchiveError(f"corrupt block header: payload size {payload_size} for {original_size} bytes")
-        if kind == BlockKind.LLM and not 0 < tokens <= min(original_size, max_tokens):
+        if kind == BlockKind.LLM and not 0 < tokens <= original_size:
             raise ArchiveError(f"corrupt block header: token count {tokens} out of range")
+        if flags & FLAG_GROUP_START and not 0 < rows <= max_rows:
+            raise ArchiveError(f"corrupt block header: group of {rows} rows out of range")
         payload = self._read(payload_size, "block payload")
-        return Block(BlockKind(kind), flags, original_size, payload, tokens, struct.unpack("<I", content_crc)[0])
+        checksum = struct.unpack("<I", content_crc)[0]
+        return Block(BlockKind(kind), flags, original_size, payload, tokens, checksum, rows)

@@ -29,7 +29,7 @@ def _read_all(data: bytes):
     header = reader.read_stream_header(first=True)
     records = []
     while True:
-        record = reader.read_block(64, 64)
+        record = reader.read_block(64, 4)
         records.append(record)
         if not isinstance(record, Block):
             return header, records
@@ -45,7 +45,7 @@ def test_varint_round_trip(value):
 def test_blocks_round_trip():
     blocks = [
         Block(BlockKind.RAW, 0, 3, b"abc", 0, crc32(b"abc")),
-        Block(BlockKind.LLM, 1, 40, b"\x01\x02", 7, 1234),
+        Block(BlockKind.LLM, 1, 40, b"\x01\x02", 7, 1234, 3),
         Block(BlockKind.ZSTD, 0, 64, b"z" * 10, 0, 99),
     ]
     header, records = _read_all(_archive(blocks))
@@ -78,12 +78,12 @@ def test_damaged_archives_are_refused(mutate, message):
         first = True
         while reader.read_stream_header(first) is not None:
             first = False
-            while isinstance(reader.read_block(64, 64), Block):
+            while isinstance(reader.read_block(64, 4), Block):
                 pass
 
 
 def test_sizes_beyond_limits_are_refused_before_reading_payload():
-    block = Block(BlockKind.LLM, 1, 60, b"x", 61, 0)  # more tokens than bytes
+    block = Block(BlockKind.LLM, 1, 60, b"x", 61, 0, 1)  # more tokens than bytes
     with pytest.raises(ArchiveError, match="token count"):
         _read_all(_archive([block]))
     huge = Block(BlockKind.ZSTD, 0, 10**9, b"x", 0, 0)

@@ -1,0 +1,19 @@
+"""The bad-input suite (tests/bad_archives.py) on a small archive made with the tiny model."""
+
+from llmpipe.compressor import Compressor
+from llmpipe.decompressor import Decompressor
+from llmpipe.models import cache
+from tests import bad_archives
+from tests.tiny_model import DATA, build_tiny_model
+
+
+def test_every_bad_archive_is_refused_cleanly(tiny_model, tmp_path):
+    original = (DATA / "alice_chapter1.txt").read_bytes()[:150]
+    archive = Compressor(tiny_model, chunk_size=64, batch=2, threads=1).compress(original)
+    assert Decompressor(tiny_model).decompress(archive) == original
+    other = cache.load(str(build_tiny_model(tmp_path / "other", train_steps=1, seed=2)))
+    other_archive = Compressor(other, chunk_size=64, batch=2, threads=1).compress(original)
+    count, failures = bad_archives.run_all(Decompressor(tiny_model), original, archive, other_archive)
+    print(f"bad-input suite: {count} cases, {count - len(failures)} passed")
+    assert count > 9 * len(archive)  # every truncation and every single-bit flip
+    assert failures == []
