@@ -30,7 +30,7 @@ class Case:
     data: bytes
 
 
-def _split_header(archive: bytes) -> tuple[dict, bytes]:
+def split_header(archive: bytes) -> tuple[dict, bytes]:
     size = struct.unpack("<I", archive[8:12])[0]
     header = json.loads(zstandard.ZstdDecompressor().decompress(archive[16 : 16 + size]))
     return header, archive[16 + size :]
@@ -38,7 +38,7 @@ def _split_header(archive: bytes) -> tuple[dict, bytes]:
 
 def with_header(archive: bytes, header: dict) -> bytes:
     """The same archive with its header replaced (a valid CRC, so only the contents are wrong)."""
-    _, rest = _split_header(archive)
+    _, rest = split_header(archive)
     body = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
     return archive[:8] + struct.pack("<II", len(body), zlib.crc32(body)) + body + rest
 
@@ -58,7 +58,7 @@ def cases(archive: bytes, other_model_archive: bytes) -> Iterator[Case]:
     yield Case("trailing garbage", archive + b"garbage")
     yield Case("trailing partial magic", archive + MAGIC[:3])
     yield Case("another model's archive", other_model_archive)
-    header, _ = _split_header(archive)
+    header, _ = split_header(archive)
     for path, value in [
         ("numerics.batch", 0),
         ("numerics.batch", 10**9),

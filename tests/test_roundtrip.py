@@ -113,3 +113,16 @@ def test_rows_have_equal_symbol_counts_and_start_on_characters():
     assert all(not 0x80 <= spellings[row[0]][0] <= 0xBF for row in rows)
     assert split_rows([1, 2], spellings, 10) == [[1], [2]]
     assert split_rows([], spellings, 3) == [[]]
+
+
+def test_float_fingerprint_mismatch_is_refused_unless_forced(compressor, tiny_model):
+    from tests.bad_archives import split_header, with_header
+
+    archive = compressor.compress(TEXT[:700])
+    header, _ = split_header(archive)
+    header["numerics"]["torch"] = "0.0.1"
+    header["numerics"]["cpu_capability"] = "NEON"
+    changed = with_header(archive, header)
+    with pytest.raises(ModelMismatchError, match=r"cpu_capability 'NEON' here '.*', torch '0.0.1'"):
+        Decompressor(tiny_model).decompress(changed)
+    assert Decompressor(tiny_model, force=True).decompress(changed) == TEXT[:700]
