@@ -146,7 +146,7 @@ class Compressor:
         self.batch = batch
         self.threads = threads
         engine = FloatEngine(self.model, threads)
-        worst_positions = min(int(chunk_size / MIN_BYTES_PER_SYMBOL), engine.max_positions)
+        worst_positions = min(chunk_size, engine.max_positions)  # a row never has more symbols than chunk_size
         worst_bytes = batch * worst_positions * engine.kv_bytes_per_position
         if worst_bytes > KV_CACHE_LIMIT:
             raise UsageError(
@@ -200,7 +200,7 @@ class Compressor:
             for i, c in enumerate(chunks)
             if len(symbols[i]) <= limit and len(c) >= MIN_BYTES_PER_SYMBOL * len(symbols[i])
         ]
-        plain_size = {i: len(self._plain_block(chunks[i]).payload) for i in candidates}
+        plain_size = {i: min(len(self._zstd.compress(chunks[i])), len(chunks[i])) for i in candidates}
         llm_blocks: dict[int, Block] = {}
         ideal: dict[int, float] = {}
         while candidates:
