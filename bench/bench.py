@@ -209,6 +209,20 @@ def report(args: argparse.Namespace) -> None:
                     f"{100 * r['coder_overhead']:.2f}% | {base} | "
                     f"{r['compress_kb_s']:.2f} | {r['decompress_kb_s']:.2f} |"
                 )
+        elif run_data["kind"] == "roundtrip":
+            rows = run_data["rows"]
+            passed = sum(r["ok"] for r in rows)
+            lines.append(
+                f"`llmpipe -c` then `llmpipe -d` through the CLI on every file of `../shared/corpus`, each sliced "
+                f"to its first {max(r['bytes'] for r in rows)} bytes, chunk size {run_data['chunk_size']}: "
+                f"**{passed} of {len(rows)} identical**. bpb includes the ~390-byte header."
+            )
+            lines.append("")
+            lines.append("| file | bytes | identical | bpb | seconds (both directions) |")
+            lines.append("|---|---|---|---|---|")
+            for r in rows:
+                ok = "yes" if r["ok"] else "NO"
+                lines.append(f"| {r['file']} | {r['bytes']} | {ok} | {r['bpb']:.3f} | {r['seconds']:.1f} |")
         else:
             lines.append(
                 f"Chunk size sweep on the first {run_data['rows'][0]['bytes']} bytes of `{run_data['file']}`, "
