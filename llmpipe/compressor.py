@@ -25,6 +25,7 @@ from llmpipe.errors import UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
+    MAX_ROWS,
     MAX_WINDOW,
     Block,
     BlockKind,
@@ -135,8 +136,8 @@ class Compressor:
     ) -> None:
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
-        if not 1 <= batch <= 4096:
-            raise UsageError("batch must be between 1 and 4096")
+        if not 1 <= batch <= MAX_ROWS:
+            raise UsageError(f"batch must be between 1 and {MAX_ROWS}")
         if batch * chunk_size > MAX_WINDOW:
             raise UsageError(f"batch x chunk size must stay within {MAX_WINDOW >> 20} MiB")
         if not 1 <= threads <= 256:

@@ -101,7 +101,7 @@ class Decompressor:
             raise ArchiveError(f"unsupported numerics engine {numerics.get('engine')!r}")
         threads = _header_field(header, "numerics.threads", int)
         batch = _header_field(header, "numerics.batch", int)
-        if not (1 <= threads <= 256 and 1 <= batch <= 4096):
+        if not (1 <= threads <= 256 and 1 <= batch <= MAX_ROWS):
             raise ArchiveError("corrupt header: threads or batch out of range")
         mine = numeric_fingerprint(threads, batch)
         differ = sorted(k for k in set(mine) | set(numerics) if mine.get(k) != numerics.get(k))
