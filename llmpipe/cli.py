@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from llmpipe import __version__
+from llmpipe.engine import NUMERICS
 from llmpipe.errors import LlmpipeError, UsageError
 
 SUFFIX = ".llmp"
@@ -64,7 +65,14 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_THREADS,
         metavar="N",
-        help="compute threads, recorded in the archive (default %(default)s)",
+        help="compute threads (recorded in float archives; exact ones do not depend on it) (default %(default)s)",
+    )
+    p.add_argument(
+        "--numerics",
+        choices=NUMERICS,
+        default="exact",
+        help="exact: integer arithmetic, decodes on any machine (default); "
+        "float: float32, decodes only where the machine and settings match",
     )
     return p
 
@@ -163,14 +171,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.decompress:
             from llmpipe.decompressor import Decompressor
 
-            worker = Decompressor(args.model, force=args.force)
+            worker = Decompressor(args.model, force=args.force, threads=args.threads)
 
             def process(src: BinaryIO, dst: BinaryIO, name: str) -> object:
                 return _report(args, name, worker.decompress_stream(src, dst, name))
         else:
             from llmpipe.compressor import Compressor
 
-            compressor = Compressor(args.model, chunk_size=args.chunk_size, batch=args.batch, threads=args.threads)
+            compressor = Compressor(
+                args.model,
+                chunk_size=args.chunk_size,
+                batch=args.batch,
+                threads=args.threads,
+                numerics=args.numerics,
+            )
 
             def process(src: BinaryIO, dst: BinaryIO, name: str) -> object:
                 return _report(args, name, compressor.compress_stream(src, dst))

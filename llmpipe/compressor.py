@@ -5,7 +5,8 @@ Each chunk becomes the smallest of an LLM, zstd or raw block, so data the
 model is bad at (binary files, compressed data) costs at most a few bytes
 more than zstd. With the float engine a group is coded again without the
 chunks that lost, because the decoder must rerun exactly the batch the
-encoder ran.
+encoder ran; the exact engine's tables do not depend on the batch, so its
+losing chunks are simply dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import zstandard
 from llmpipe import __version__
 from llmpipe.codec import LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
-from llmpipe.engine.float_engine import KV_CACHE_LIMIT, FloatEngine, numeric_fingerprint
+from llmpipe.engine import create_engine
+from llmpipe.engine.memory import KV_CACHE_LIMIT
 from llmpipe.errors import UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
@@ -133,6 +135,7 @@ class Compressor:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         batch: int = DEFAULT_BATCH,
         threads: int = DEFAULT_THREADS,
+        numerics: str = "exact",
     ) -> None:
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
@@ -146,7 +149,7 @@ class Compressor:
         self.chunk_size = chunk_size
         self.batch = batch
         self.threads = threads
-        engine = FloatEngine(self.model, threads)
+        engine = create_engine(numerics, self.model, threads, batch)
         worst_positions = min(chunk_size, engine.max_positions)  # a row never has more symbols than chunk_size
         worst_bytes = batch * worst_positions * engine.kv_bytes_per_position
         if worst_bytes > KV_CACHE_LIMIT:
@@ -164,7 +167,8 @@ class Compressor:
             "chunk_size": self.chunk_size,
             "prime_token": self.model.tokenizer.prime_token,
             "coder": {"name": "range64", "freq_bits": FREQ_BITS, "escape_symbols": ESCAPE_SYMBOLS},
-            "numerics": numeric_fingerprint(self.threads, self.batch),
+            "batch": self.batch,
+            "numerics": self._coder.engine.numerics(),
             "steering": None,
         }
 
@@ -212,9 +216,11 @@ class Compressor:
             }
             ideal = dict(zip(candidates, coded.ideal_bits, strict=True))
             winners = [i for i in candidates if len(llm_blocks[i].payload) < plain_size[i]]
-            if winners == candidates:
+            # the float engine's decoder must replay exactly the batch coded: code the winners again
+            replay = winners != candidates and not self._coder.engine.full_sequence
+            candidates = winners
+            if not replay:
                 break
-            candidates = winners  # the decoder must replay exactly this batch: code it again
         if candidates:
             first = llm_blocks[candidates[0]]
             first.flags, first.group_rows = FLAG_GROUP_START, len(candidates)

@@ -20,8 +20,10 @@ from typing import BinaryIO
 import zstandard
 
 from llmpipe.codec import LlmCoder
-from llmpipe.compressor import Stats
-from llmpipe.engine.float_engine import FloatEngine, numeric_fingerprint
+from llmpipe.compressor import DEFAULT_THREADS, Stats
+from llmpipe.engine import create_engine
+from llmpipe.engine.exact_llama import NUMERICS_VERSION
+from llmpipe.engine.float_engine import numeric_fingerprint
 from llmpipe.errors import ArchiveError, ChecksumError, ModelError, ModelMismatchError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
@@ -70,9 +72,12 @@ def _find_cached_model(weights_sha256: str) -> Path | None:
 class Decompressor:
     """Decodes llmpipe archives; keeps the loaded model between streams."""
 
-    def __init__(self, model: str | LoadedModel | None = None, *, force: bool = False) -> None:
+    def __init__(
+        self, model: str | LoadedModel | None = None, *, force: bool = False, threads: int = DEFAULT_THREADS
+    ) -> None:
         self._model_spec = model
         self._force = force
+        self._threads = threads
         self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None
         self._coder: LlmCoder | None = None
         self._coder_key: tuple | None = None
@@ -97,23 +102,32 @@ class Decompressor:
                     f"but model {have['name']!r} ({have[key][:12]}...) is loaded"
                 )
         numerics = _header_field(header, "numerics", dict)
-        if numerics.get("engine") != "float":
-            raise ArchiveError(f"unsupported numerics engine {numerics.get('engine')!r}")
-        threads = _header_field(header, "numerics.threads", int)
-        batch = _header_field(header, "numerics.batch", int)
-        if not (1 <= threads <= 256 and 1 <= batch <= MAX_ROWS):
-            raise ArchiveError("corrupt header: threads or batch out of range")
-        mine = numeric_fingerprint(threads, batch)
-        differ = sorted(k for k in set(mine) | set(numerics) if mine.get(k) != numerics.get(k))
-        if differ and not self._force:
-            detail = ", ".join(f"{k} {numerics.get(k)!r} here {mine.get(k)!r}" for k in differ)
-            raise ModelMismatchError(
-                f"archive was made with float numerics that differ from this machine ({detail}); "
-                "it may not decode here (use -f to try anyway)"
-            )
-        key = (have["weights_sha256"], threads)
+        kind = numerics.get("engine")
+        if kind == "exact":
+            if numerics.get("version") != NUMERICS_VERSION:
+                raise ArchiveError(
+                    f"archive uses exact numerics version {numerics.get('version')!r}; "
+                    f"this llmpipe implements version {NUMERICS_VERSION} (a newer llmpipe may decode it)"
+                )
+            threads, batch = self._threads, 0  # exact results depend on neither
+        elif kind == "float":
+            threads = _header_field(header, "numerics.threads", int)
+            batch = _header_field(header, "numerics.batch", int)
+            if not (1 <= threads <= 256 and 1 <= batch <= MAX_ROWS):
+                raise ArchiveError("corrupt header: threads or batch out of range")
+            mine = numeric_fingerprint(threads, batch)
+            differ = sorted(k for k in set(mine) | set(numerics) if mine.get(k) != numerics.get(k))
+            if differ and not self._force:
+                detail = ", ".join(f"{k} {numerics.get(k)!r} here {mine.get(k)!r}" for k in differ)
+                raise ModelMismatchError(
+                    f"archive was made with float numerics that differ from this machine ({detail}); "
+                    "it may not decode here (use -f to try anyway)"
+                )
+        else:
+            raise ArchiveError(f"unsupported numerics engine {kind!r}")
+        key = (have["weights_sha256"], kind, threads)
         if self._coder is None or self._coder_key != key:
-            self._coder = LlmCoder(FloatEngine(self._model, threads), self._model.tokenizer)
+            self._coder = LlmCoder(create_engine(kind, self._model, threads, batch), self._model.tokenizer)
             self._coder_key = key
         return self._coder
 
@@ -135,7 +149,7 @@ class Decompressor:
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ArchiveError(f"corrupt header: chunk size {chunk_size}")
         _header_field(header, "model", dict)
-        batch = _header_field(header, "numerics.batch", int)
+        batch = _header_field(header, "batch", int)
         if not 1 <= batch <= MAX_ROWS:
             raise ArchiveError(f"corrupt header: batch {batch} out of range")
         max_size = min(batch * chunk_size, MAX_WINDOW)

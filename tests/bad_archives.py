@@ -60,9 +60,11 @@ def cases(archive: bytes, other_model_archive: bytes) -> Iterator[Case]:
     yield Case("another model's archive", other_model_archive)
     header, _ = split_header(archive)
     for path, value in [
-        ("numerics.batch", 0),
-        ("numerics.batch", 10**9),
-        ("numerics.threads", -1),
+        ("batch", 0),
+        ("batch", 10**9),
+        ("batch", "64"),
+        ("numerics.version", 2),
+        ("numerics.version", None),
         ("chunk_size", 0),
         ("chunk_size", 2**62),
         ("prime_token", 10**6),

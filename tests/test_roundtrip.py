@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from llmpipe.compressor import Compressor, split_rows, utf8_safe_split
 from llmpipe.decompressor import Decompressor
-from llmpipe.errors import ChecksumError, ModelMismatchError
+from llmpipe.errors import ArchiveError, ChecksumError, ModelMismatchError
 from tests.tiny_model import DATA
 
 TEXT = (DATA / "alice_chapter1.txt").read_bytes()
@@ -115,9 +115,43 @@ def test_rows_have_equal_symbol_counts_and_start_on_characters():
     assert split_rows([], spellings, 3) == [[]]
 
 
-def test_float_fingerprint_mismatch_is_refused_unless_forced(compressor, tiny_model):
+def test_float_numerics_round_trip(tiny_model):
+    float_compressor = Compressor(tiny_model, chunk_size=CHUNK, batch=3, threads=1, numerics="float")
+    data = TEXT[:1500] + b"\xff\x00 tail"
+    archive = float_compressor.compress(data)
+    assert Decompressor(tiny_model).decompress(archive) == data
+
+
+def test_exact_payloads_are_independent_of_batch_and_threads(tiny_model):
+    """A chunk's exact code does not depend on what it is batched with, nor on the thread count."""
+    from llmpipe.codec import LlmCoder
+    from llmpipe.engine.exact_engine import ExactEngine
+
+    tokenizer = tiny_model.tokenizer
+    rows = [tokenizer.encode(TEXT[a : a + 300]) for a in (0, 300, 900)]
+    together = LlmCoder(ExactEngine(tiny_model, threads=2), tokenizer).encode_group(rows).payloads
+    alone = LlmCoder(ExactEngine(tiny_model, threads=1), tokenizer).encode_group(rows[1:2]).payloads
+    assert alone[0] == together[1]
+    decoded = LlmCoder(ExactEngine(tiny_model, threads=1), tokenizer).decode_group(
+        together[::-1], [len(r) for r in rows[::-1]]
+    )
+    assert decoded == rows[::-1]  # decoded in another order and batch than encoded
+
+
+def test_unknown_exact_numerics_version_is_refused(compressor, tiny_model):
     from tests.bad_archives import split_header, with_header
 
+    archive = compressor.compress(TEXT[:700])
+    header, _ = split_header(archive)
+    header["numerics"]["version"] = 99
+    with pytest.raises(ArchiveError, match="exact numerics version 99"):
+        Decompressor(tiny_model).decompress(with_header(archive, header))
+
+
+def test_float_fingerprint_mismatch_is_refused_unless_forced(tiny_model):
+    from tests.bad_archives import split_header, with_header
+
+    compressor = Compressor(tiny_model, chunk_size=CHUNK, batch=4, threads=1, numerics="float")
     archive = compressor.compress(TEXT[:700])
     header, _ = split_header(archive)
     header["numerics"]["torch"] = "0.0.1"

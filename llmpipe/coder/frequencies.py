@@ -1,34 +1,76 @@
 """Turn a row of logits into the integer frequency table the range coder uses.
 
-Every token gets a frequency of at least 1 (so any token can be coded, even
+Every symbol gets a frequency of at least 1 (so any token can be coded, even
 one the model thinks impossible) and the table sums to at most
-``2**FREQ_BITS``. The remaining mass is spread in proportion to the
-softmax, rounded down. Computed in float64 from float32 logits; encoder and
-decoder call this on identical logits, so they get identical tables.
+``2**FREQ_BITS``. The rest of the mass is shared in proportion to the softmax,
+rounded down.
+
+The softmax itself is integer-valued arithmetic in float64: the distance of
+each logit from the row maximum is rounded to a 1/256 grid and looked up in
+an exp table scaled to 2^24 (``engine.tables.exp_table``); the denominator
+``Z`` is a sum of integers below 2^53, so exact in any order; each frequency
+is ``1 + floor(e * (budget / Z))``, with ``e * (budget / Z)`` two correctly
+rounded IEEE operations. So identical logits give identical tables on every
+machine. The rounding of ``budget / Z`` and of the product exceed the exact
+value by at most 2^-52 relatively, so the floors still sum to at most
+``budget`` (their excess is below 1). Tables are float64 tensors of
+integers (exact below 2^53): cumulative sums of them are exact too.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+
+import torch
+
+from llmpipe.engine.integer_ops import lookup
+from llmpipe.engine.tables import exp_table
 
 FREQ_BITS = 28  # frequency total; loses < V / 2^28 of probability mass to the +1 floors
+LOGIT_GRID = 256  # logit resolution: 1/256 nat, at most 0.2% relative error in a probability
+EXP_BITS = 24
+
+_EXP = torch.from_numpy(exp_table(LOGIT_GRID, EXP_BITS)).to(torch.float64)  # integers: exact
 
 
-def frequency_tables(
-    logits: np.ndarray, extra_symbols: int, freq_bits: int = FREQ_BITS
-) -> tuple[np.ndarray, np.ndarray]:
-    """Integer frequencies ``(B, V + extra)`` and the model's probabilities ``(B, V)``.
+def frequency_tables(logits: torch.Tensor, extra_symbols: int, freq_bits: int = FREQ_BITS) -> torch.Tensor:
+    """Integer frequencies ``(B, V + extra)`` (float64 holding integers) for float32 ``logits`` ``(B, V)``.
 
-    The ``extra_symbols`` (escapes) get frequency 1 each; every row sums to at
-    most ``2**freq_bits``. The float64 probabilities are returned for
-    measuring the ideal code length; they play no part in coding.
+    The ``extra_symbols`` (escapes) get frequency 1 each; every row sums to
+    at most ``2**freq_bits``.
     """
-    x = logits.astype(np.float64)  # (B, V)
-    x -= x.max(axis=1, keepdims=True)
-    p = np.exp(x)
-    rows, vocab = x.shape
-    p /= p.sum(axis=1, keepdims=True)
-    budget = float((1 << freq_bits) - vocab - extra_symbols)
-    freq = np.ones((rows, vocab + extra_symbols), dtype=np.int64)
-    freq[:, :vocab] += np.floor(p * budget).astype(np.int64)
-    return freq, p
+    rows, vocab = logits.shape
+    top = logits.amax(dim=1, keepdim=True)
+    steps = torch.round_((top - logits).mul_(float(LOGIT_GRID))).clamp_(max=len(_EXP) - 1)
+    e = lookup(_EXP, steps)  # (B, V), integers <= 2^24
+    total = e.sum(dim=1, keepdim=True)  # >= 2^24 (the maximum itself): never 0
+    share = torch.full_like(total, float((1 << freq_bits) - vocab - extra_symbols)) / total
+    freq = torch.ones(rows, vocab + extra_symbols, dtype=torch.float64)
+    freq[:, :vocab] += torch.floor_(e.mul_(share))
+    return freq
+
+
+def code_positions(freq: torch.Tensor, symbols: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """For rows of ``freq`` and one symbol per row: the symbol's (start, size) and the row total, as ints."""
+    size = freq.gather(1, symbols[:, None])[:, 0]
+    below = torch.arange(freq.shape[1])[None, :] < symbols[:, None]
+    start = torch.where(below, freq, 0.0).sum(dim=1)
+    total = freq.sum(dim=1)
+    return start.to(torch.int64).tolist(), size.to(torch.int64).tolist(), total.to(torch.int64).tolist()
+
+
+def find_symbols(
+    freq: torch.Tensor, targets_for: Callable[[list[int]], list[int]]
+) -> tuple[list[int], list[int], list[int]]:
+    """Decode one symbol per row of ``freq``: returns the symbols, their starts and sizes.
+
+    ``targets_for(totals)`` gets each row's total and returns the count the
+    range decoder is looking for in that row.
+    """
+    cumulative = freq.cumsum(dim=1)  # exact: integers below 2^53
+    targets = targets_for(cumulative[:, -1].to(torch.int64).tolist())
+    wanted = torch.tensor(targets, dtype=torch.float64)[:, None]
+    symbols = torch.searchsorted(cumulative, wanted, right=True)  # (B, 1)
+    size = freq.gather(1, symbols)
+    start = cumulative.gather(1, symbols) - size
+    return symbols[:, 0].tolist(), start[:, 0].to(torch.int64).tolist(), size[:, 0].to(torch.int64).tolist()

@@ -15,9 +15,11 @@ import platform
 import numpy as np
 import torch
 
-from llmpipe.errors import LlmpipeError
+from llmpipe.coder.frequencies import frequency_tables
+from llmpipe.engine.memory import check_kv_budget
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.llama import KVCache, Llama
+from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 
 def numeric_fingerprint(threads: int, batch: int) -> dict:
@@ -42,37 +44,32 @@ class LockstepSession:
         self._llama = llama
         self._cache: KVCache = llama.new_cache(rows, max_len)
 
-    def step(self, inputs: list[int]) -> np.ndarray:
-        """Feed one token per row; return next-token logits, (rows, V) float32."""
+    def step(self, inputs: list[int]) -> torch.Tensor:
+        """Feed one token per row; return the frequency tables for the next symbols, (rows, V + 256)."""
         tokens = torch.tensor(inputs, dtype=torch.long).unsqueeze(1)  # (B, 1)
         with torch.inference_mode():
             logits = self._llama.forward(tokens, self._cache)  # (B, 1, V)
-        return logits[:, 0].numpy()
-
-
-KV_CACHE_LIMIT = 12 << 30
-"""Largest key/value cache one lockstep group may allocate (bytes): bounds memory on hostile archives too."""
+        return frequency_tables(logits[:, 0], ESCAPE_SYMBOLS)
 
 
 class FloatEngine:
     """Runs a loaded model in float32 on the CPU with a fixed thread count."""
 
-    def __init__(self, model: LoadedModel, threads: int) -> None:
+    full_sequence = False  # the encoder must replay the decoder's exact schedule
+
+    def __init__(self, model: LoadedModel, threads: int, batch: int) -> None:
         torch.set_num_threads(threads)
         self.threads = threads
+        self.batch = batch
         cfg = model.config
         self.max_positions = cfg.max_position_embeddings
         self.kv_bytes_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
         self._llama = Llama(cfg, model.weights, torch.float32)
 
+    def numerics(self) -> dict:
+        return numeric_fingerprint(self.threads, self.batch)
+
     def session(self, rows: int, max_len: int) -> LockstepSession:
         """A lockstep group; refuses groups longer than the model's context or larger than the memory limit."""
-        if max_len > self.max_positions:
-            raise LlmpipeError(f"{max_len} symbols in one block exceed the model's context of {self.max_positions}")
-        needed = rows * max_len * self.kv_bytes_per_position
-        if needed > KV_CACHE_LIMIT:
-            raise LlmpipeError(
-                f"{rows} rows x {max_len} positions need {needed / 2**30:.1f} GiB of KV cache, "
-                f"over the {KV_CACHE_LIMIT >> 30} GiB limit (use a smaller --batch or --chunk-size)"
-            )
+        check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position)
         return LockstepSession(self._llama, rows, max_len)

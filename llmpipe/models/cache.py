@@ -70,6 +70,7 @@ class LoadedModel:
     tokenizer: ByteTokenizer
     weights_sha256: str
     load_seconds: float
+    directory: Path
 
     def identity(self) -> dict:
         """What an archive records so a decoder can refuse the wrong model."""
@@ -234,4 +235,5 @@ def load(spec: str | None) -> LoadedModel:
         tokenizer=tokenizer,
         weights_sha256=meta["weights_sha256"],
         load_seconds=time.perf_counter() - started,
+        directory=directory,
     )

@@ -1,0 +1,110 @@
+"""The exact engine: portable archives, and an encoder that scores whole chunks at once.
+
+Because every logit is computed exactly (``exact_llama``), the encoder does
+not have to replay the decoder's schedule: it scores all positions of a chunk
+in one full-sequence pass (many times faster than one position per step),
+any rows together, while the decoder steps through the KV cache in whatever
+batch it likes. The int8 weights are derived once and kept in the model's
+cache directory next to the float weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmpipe.coder.frequencies import frequency_tables
+from llmpipe.engine.exact_llama import NUMERICS_VERSION, ExactKVCache, ExactLlama, prepare_exact_weights
+from llmpipe.engine.memory import check_kv_budget
+from llmpipe.models.cache import LoadedModel
+from llmpipe.tokenization import ESCAPE_SYMBOLS
+
+TOKENS_PER_PASS = 1024
+"""Positions one full-sequence pass handles together (rows x length): bounds the encoder's memory."""
+HEAD_SLICE = 512
+"""Positions turned into frequency tables at a time (each table is (V + 256) int64)."""
+
+
+def numerics_record() -> dict:
+    """What the header says about the numerics of an exact archive (no machine details: they do not matter)."""
+    return {"engine": "exact", "version": NUMERICS_VERSION}
+
+
+def _exact_weights(model: LoadedModel) -> dict[str, torch.Tensor]:
+    """The prepared int8 weights, from the model cache or derived now (and stored when the cache is writable)."""
+    path = Path(model.directory) / f"exact-v{NUMERICS_VERSION}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    weights = prepare_exact_weights(model.config, model.weights)
+    try:
+        partial = path.with_suffix(".partial")
+        save_file(weights, str(partial), metadata={"weights_sha256": model.weights_sha256})
+        partial.replace(path)
+    except OSError:
+        pass  # a read-only cache still works, it just prepares again next time
+    return weights
+
+
+class ExactSession:
+    """``rows`` sequences advanced together one position per :meth:`step` (the decoder's schedule)."""
+
+    def __init__(self, llama: ExactLlama, rows: int, max_len: int) -> None:
+        self._llama = llama
+        self._cache = llama.new_cache(rows, max_len)
+
+    def step(self, inputs: list[int]) -> torch.Tensor:
+        """Feed one token per row; return the frequency tables for the next symbols, (rows, V + 256)."""
+        tokens = torch.tensor(inputs, dtype=torch.long).unsqueeze(1)
+        with torch.inference_mode():
+            rows, scales = self._llama.hidden(tokens, self._cache)
+            return frequency_tables(self._llama.logits(rows, scales), ESCAPE_SYMBOLS)
+
+
+class ExactEngine:
+    """Runs a loaded model with exact integer numerics on the CPU."""
+
+    full_sequence = True
+
+    def __init__(self, model: LoadedModel, threads: int) -> None:
+        torch.set_num_threads(threads)
+        cfg = model.config
+        self.max_positions = cfg.max_position_embeddings
+        self.kv_bytes_per_position = ExactKVCache.bytes_per_position(cfg)
+        self._llama = ExactLlama(cfg, _exact_weights(model))
+
+    def numerics(self) -> dict:
+        return numerics_record()
+
+    def session(self, rows: int, max_len: int) -> ExactSession:
+        check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position)
+        return ExactSession(self._llama, rows, max_len)
+
+    def tables(self, inputs: list[list[int]]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Score every position of every row in full-sequence passes.
+
+        ``inputs[r]`` is the model input of row ``r`` (the prime token, then
+        all symbols but the last). Yields ``(row, first_position, freq)`` with
+        ``freq`` the tables of consecutive positions, in row order.
+        """
+        order = list(range(len(inputs)))
+        r = 0
+        while r < len(order):
+            length = len(inputs[order[r]])
+            together = max(1, TOKENS_PER_PASS // max(length, 1))
+            batch = order[r : r + together]
+            width = max(len(inputs[i]) for i in batch)
+            padded = [inputs[i] + [inputs[i][-1]] * (width - len(inputs[i])) for i in batch]
+            check_kv_budget(len(batch), width, self.max_positions, self.kv_bytes_per_position)
+            with torch.inference_mode():
+                cache = self._llama.new_cache(len(batch), width)
+                rows, scales = self._llama.hidden(torch.tensor(padded, dtype=torch.long), cache)
+                for j, i in enumerate(batch):
+                    n = len(inputs[i])
+                    for a in range(0, n, HEAD_SLICE):
+                        b = min(n, a + HEAD_SLICE)
+                        part = slice(j * width + a, j * width + b)
+                        yield i, a, frequency_tables(self._llama.logits(rows[part], scales[part]), ESCAPE_SYMBOLS)
+            r += len(batch)

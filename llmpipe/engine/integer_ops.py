@@ -1,0 +1,116 @@
+"""The exact building blocks: per-row quantisation and integer matrix products.
+
+Every function here returns the same bits on any machine, thread count and
+batch shape, because it uses only
+- reductions whose result does not depend on their order: ``max`` and sums
+  of integers that provably fit the accumulator (bounds stated at each one);
+- elementwise IEEE operations (``+ - * /``, ``sqrt``, ``round`` half to even,
+  conversions), which are correctly rounded on every conforming device.
+Divisions are always tensor by tensor, never by a Python number (GPU kernels
+turn ``x / scalar`` into ``x * (1 / scalar)``, which rounds differently).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACT_MAX = 32639
+"""Activations are int16 in [-ACT_MAX, ACT_MAX] = 127 * 256 + 127, so that both bytes of
+``x = 256 * hi + lo`` (lo in [-128, 127]) fit an int8: hi in [-127, 127]."""
+WEIGHT_MAX = 127
+"""Weights are int8 in [-127, 127] with one float32 scale per output channel."""
+
+FP32_EXACT = 1 << 24  # every integer of magnitude <= 2^24 is a float32
+_FP32_SPLIT = 1024
+"""Reduction pieces for the float32 fallback: 128 * 127 * 1024 = 16,646,144 < 2^24, so every
+partial sum of int8 x int8 products stays an exactly representable integer, in any order."""
+
+
+def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``x`` (float32) to integers in [-qmax, qmax] per row (last dimension).
+
+    Returns the integer values (as float32) and the row scale (``x ~ q * scale``),
+    shape ``(..., 1)``. An all-zero row gets scale 0.
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    limit = torch.full_like(amax, float(qmax))
+    inverse = torch.where(amax > 0, limit / amax, torch.zeros_like(amax))
+    q = torch.round(x * inverse).clamp_(-qmax, qmax)
+    return q, amax * (1.0 / qmax)  # 1/qmax is rounded once, the same everywhere
+
+
+def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a float tensor of non-negative integer indices (int32 indexing: faster than int64)."""
+    return table.index_select(0, index.to(torch.int32).view(-1)).view(index.shape)
+
+
+def split_bytes(q: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Integers in [-ACT_MAX, ACT_MAX] (float32) -> ``high`` then ``low`` concatenated along ``dim`` (float32).
+
+    ``q = 256 * high + low`` with ``low`` in [-128, 127] and ``high`` in [-127, 127].
+    Every step is exact in float32: the values stay integers far below 2^24
+    and the scaling is by a power of two.
+    """
+    high = torch.floor_((q + 128.0).mul_(1.0 / 256))
+    low = q - high * 256.0
+    return torch.cat([high, low], dim=dim)
+
+
+def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(a, b)
+
+
+def _fp32_split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 x int8 -> int32 through float32 GEMMs on reduction pieces small enough to be exact."""
+    total = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64)
+    for k in range(0, a.shape[1], _FP32_SPLIT):
+        piece = a[:, k : k + _FP32_SPLIT].float() @ b[k : k + _FP32_SPLIT].float()
+        total += piece.to(torch.int64)
+    return total.to(torch.int32)
+
+
+def _known_answer_ok(matmul) -> bool:
+    """Does ``matmul`` reproduce int64 arithmetic on extreme values (where saturating kernels fail)?"""
+    generator = torch.Generator().manual_seed(0)
+    cases = [
+        (torch.full((4, 1536), -128, dtype=torch.int8), torch.full((1536, 16), -128, dtype=torch.int8)),
+        (torch.full((4, 1536), 127, dtype=torch.int8), torch.full((1536, 16), -128, dtype=torch.int8)),
+        (
+            torch.randint(-128, 128, (33, 576), dtype=torch.int8, generator=generator),
+            torch.randint(-128, 128, (576, 40), dtype=torch.int8, generator=generator),
+        ),
+    ]
+    try:
+        return all(torch.equal(matmul(a, b).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64)) for a, b in cases)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+_INT8_MATMUL = _int_mm_exact if _known_answer_ok(_int_mm_exact) else _fp32_split_mm
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b`` for int8 ``a`` (M, K) and ``b`` (K, N), as int32.
+
+    Bound: |a_ij * b_jk| <= 128 * 128, so any K < 131,072 keeps every partial
+    sum inside int32. ``torch._int_mm`` is used when a known-answer test on
+    extreme values passes at start-up, otherwise the float32 split above.
+    """
+    return _INT8_MATMUL(a, b)
+
+
+def int16_int8_matmul(q: torch.Tensor, weight_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q @ weight_t`` for int16-range ``q`` (M, K) and int8 ``weight_t`` (K, N) as two exact int32 parts.
+
+    ``q = 256 * hi + lo`` with both parts int8, so ``q @ w = 256 * (hi @ w) + lo @ w``:
+    one int8 product on the stacked rows gives both terms (returned in that order).
+    """
+    rows = q.shape[0]
+    both = int8_matmul(split_bytes(q).to(torch.int8), weight_t)  # (2M, N)
+    return both[:rows], both[rows:]
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(N, K)`` -> int8 ``(N, K)`` and float32 scales ``(N,)``, one per output channel."""
+    q, scale = quantize_rows(weight.to(torch.float32), WEIGHT_MAX)
+    return q.to(torch.int8), scale[:, 0]

@@ -1,0 +1,125 @@
+"""The exact Llama: identical numbers whatever the schedule, close to float32, pinned bit for bit."""
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llmpipe.coder.frequencies import frequency_tables
+from llmpipe.engine.exact_llama import ExactLlama, prepare_exact_weights
+from llmpipe.models.llama import Llama, LlamaConfig
+from tests.tiny_model import DATA
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return tiny_model, ExactLlama(tiny_model.config, prepare_exact_weights(tiny_model.config, tiny_model.weights))
+
+
+def _tokens(seed: int, rows: int, length: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _full(llama: ExactLlama, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        rows, scales = llama.hidden(tokens, llama.new_cache(*tokens.shape))
+        return llama.logits(rows, scales).view(*tokens.shape, -1)
+
+
+def test_incremental_equals_full_sequence_bit_for_bit(tiny):
+    model, llama = tiny
+    tokens = _tokens(0, 3, 300, model.config.vocab_size)  # longer than one query block (256)
+    full = _full(llama, tokens)
+    cache = llama.new_cache(3, 300)
+    with torch.inference_mode():
+        for p in range(300):
+            rows, scales = llama.hidden(tokens[:, p : p + 1], cache)
+            assert torch.equal(llama.logits(rows, scales), full[:, p]), f"position {p}"
+
+
+def test_independent_of_batch_padding_and_threads(tiny):
+    model, llama = tiny
+    tokens = _tokens(1, 4, 120, model.config.vocab_size)
+    together = _full(llama, tokens)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = _full(llama, tokens[2:3, :77])  # alone, one thread, shorter (as if the others were padding)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone[0], together[2, :77])
+
+
+def test_close_to_float32(tiny):
+    model, llama = tiny
+    ids = model.tokenizer.encode((DATA / "alice_chapter1.txt").read_bytes()[:3000])
+    tokens = torch.tensor([[model.tokenizer.prime_token] + ids[:-1]])
+    targets = torch.tensor(ids)
+    exact = _full(llama, tokens)[0]
+    with torch.inference_mode():
+        flt = Llama(model.config, model.weights, torch.float32)
+        reference = flt.forward(tokens, flt.new_cache(1, tokens.shape[1]))[0]
+
+    def bits(logits):
+        return -torch.log_softmax(logits.double(), -1)[torch.arange(len(ids)), targets].sum().item() / np.log(2)
+
+    assert abs(bits(exact) / bits(reference) - 1) < 0.01  # measured +0.36% on the default model
+
+
+def _integer_seeded_model() -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """A small Llama whose float weights come from integers (PCG64), so every machine builds the same one."""
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    generator = np.random.Generator(np.random.PCG64(2026))
+    c, inner, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+
+    def ints(*shape: int) -> torch.Tensor:
+        return torch.from_numpy((generator.integers(-1024, 1025, size=shape) / 8192).astype(np.float32))
+
+    weights = {"model.embed_tokens.weight": ints(config.vocab_size, c) * 8, "model.norm.weight": 1 + ints(c)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "input_layernorm.weight": 1 + ints(c),
+            p + "post_attention_layernorm.weight": 1 + ints(c),
+            p + "self_attn.q_proj.weight": ints(c, c),
+            p + "self_attn.k_proj.weight": ints(kv, c),
+            p + "self_attn.v_proj.weight": ints(kv, c),
+            p + "self_attn.o_proj.weight": ints(c, c),
+            p + "mlp.gate_proj.weight": ints(inner, c),
+            p + "mlp.up_proj.weight": ints(inner, c),
+            p + "mlp.down_proj.weight": ints(c, inner),
+        }
+    return config, weights
+
+
+PINNED_TABLES_SHA256 = "bc19b5e6ea92035a147c6f7a1dd6ebafcaa62d80459a0b64c7369c52fcbb7f98"
+
+
+def test_frequency_tables_are_pinned():
+    """Exact numerics v1 on a model every machine builds identically: any change here breaks old archives.
+
+    Regenerate (only together with a new numerics version) with GENERATE_EXPECTED=1.
+    """
+    config, weights = _integer_seeded_model()
+    llama = ExactLlama(config, prepare_exact_weights(config, weights))
+    tokens = torch.from_numpy(np.random.Generator(np.random.PCG64(7)).integers(0, 97, size=(2, 200)))
+    freq = frequency_tables(_full(llama, tokens).reshape(400, -1), 256).to(torch.int64).numpy()
+    digest = hashlib.sha256(freq.astype("<i8").tobytes()).hexdigest()
+    if os.environ.get("GENERATE_EXPECTED"):
+        print(f"\nPINNED_TABLES_SHA256 = {digest!r}")
+        return
+    assert digest == PINNED_TABLES_SHA256
