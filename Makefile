@@ -30,7 +30,9 @@ test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not smoke"
 
 bench: model
-	$(PY) bench/bench.py --write BENCHMARKS.md
+	$(PY) bench/bench.py run --name files
+	$(PY) bench/bench.py numerics --name numerics --bytes 32768
+	$(PY) bench/bench.py report --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

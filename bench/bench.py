@@ -1,6 +1,7 @@
 """`make bench`: llmpipe against zstd, xz, brotli and bzip2 on the same bytes, in one run.
 
-    python bench/bench.py run  --name main  [--bytes N] [--chunk-size B] [--batch N] [FILE ...]
+    python bench/bench.py run  --name main  [--bytes N] [--chunk-size B] [--batch N] [--numerics exact|float] [FILE ...]
+    python bench/bench.py numerics --name numerics [--bytes N] [FILE ...]
     python bench/bench.py sweep --name chunks --file enwik/enwik8_first_1000000 --bytes N
     python bench/bench.py report --write BENCHMARKS.md
 
@@ -109,8 +110,10 @@ def save(name: str, payload: dict) -> None:
 
 def run(args: argparse.Namespace) -> None:
     model = cache.load(args.model)
-    compressor = Compressor(model, chunk_size=args.chunk_size, batch=args.batch, threads=args.threads)
-    decompressor = Decompressor(model)
+    compressor = Compressor(
+        model, chunk_size=args.chunk_size, batch=args.batch, threads=args.threads, numerics=args.numerics
+    )
+    decompressor = Decompressor(model, threads=args.threads)
     rows = []
     for relative in args.files or DEFAULT_FILES:
         path = CORPUS / relative
@@ -123,8 +126,39 @@ def run(args: argparse.Namespace) -> None:
         rows.append(row)
     save(
         args.name,
-        {"kind": "files", "model": model.name, "chunk_size": args.chunk_size, "batch": args.batch, "rows": rows},
+        {
+            "kind": "files",
+            "model": model.name,
+            "numerics": args.numerics,
+            "chunk_size": args.chunk_size,
+            "batch": args.batch,
+            "rows": rows,
+        },
     )
+
+
+def compare_numerics(args: argparse.Namespace) -> None:
+    """The price of exactness: the same slices coded with the exact and the float engine (compression only)."""
+    model = cache.load(args.model)
+    rows = []
+    for relative in args.files or DEFAULT_FILES[:4]:
+        path = CORPUS / relative
+        if not path.exists():
+            print(f"skip {relative}: ../shared/corpus not available")
+            continue
+        data = path.read_bytes()[: args.bytes]
+        row: dict = {"file": relative, "bytes": len(data)}
+        for numerics in ("exact", "float"):
+            compressor = Compressor(model, threads=args.threads, numerics=numerics)
+            sink = io.BytesIO()
+            stats = compressor.compress_stream(io.BytesIO(data), sink)
+            row[numerics] = {
+                "bpb": 8 * len(sink.getvalue()) / len(data),
+                "compress_kb_s": len(data) / 1024 / stats.seconds,
+            }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    save(args.name, {"kind": "numerics", "model": model.name, "rows": rows})
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -183,7 +217,8 @@ def report(args: argparse.Namespace) -> None:
         lines += [
             f"## {path.stem}",
             "",
-            f"`{run_data['command']}` on {run_data['date']}; model `{run_data['model']}`, float engine;",
+            f"`{run_data['command']}` on {run_data['date']}; model `{run_data['model']}`, "
+            f"{run_data.get('numerics', 'float')} numerics;",
             f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}.",
             "",
         ]
@@ -208,6 +243,23 @@ def report(args: argparse.Namespace) -> None:
                     f"| {r['file']}{star} | {r['bytes']} | **{r['bpb']:.3f}** | {ideal} | "
                     f"{100 * r['coder_overhead']:.2f}% | {base} | "
                     f"{r['compress_kb_s']:.2f} | {r['decompress_kb_s']:.2f} |"
+                )
+        elif run_data["kind"] == "numerics":
+            lines.append(
+                "The same slices compressed with the exact engine (the default) and the float32 engine, "
+                "default settings; the difference is the cost of exact integer arithmetic."
+            )
+            lines.append("")
+            lines.append(
+                "| file | bytes | exact bpb | float bpb | exact vs float | exact compress KB/s | float compress KB/s |"
+            )
+            lines.append("|---|---|---|---|---|---|---|")
+            for r in run_data["rows"]:
+                exact, flt = r["exact"], r["float"]
+                lines.append(
+                    f"| {r['file']} | {r['bytes']} | {exact['bpb']:.4f} | {flt['bpb']:.4f} | "
+                    f"{100 * (exact['bpb'] / flt['bpb'] - 1):+.2f}% | {exact['compress_kb_s']:.2f} | "
+                    f"{flt['compress_kb_s']:.2f} |"
                 )
         elif run_data["kind"] == "roundtrip":
             rows = run_data["rows"]
@@ -247,7 +299,7 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "sweep", "roundtrip"):
+    for name in ("run", "numerics", "sweep", "roundtrip"):
         p = sub.add_parser(name)
         p.add_argument("--name", required=True)
         p.add_argument("--model", default=None)
@@ -256,7 +308,9 @@ def main() -> None:
     runner = sub.choices["run"]
     runner.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     runner.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    runner.add_argument("--numerics", choices=("exact", "float"), default="exact")
     runner.add_argument("files", nargs="*")
+    sub.choices["numerics"].add_argument("files", nargs="*")
     sub.choices["roundtrip"].add_argument("--chunk-size", type=int, default=512)
     sub.choices["roundtrip"].add_argument("--batch", type=int, default=DEFAULT_BATCH)
     sweeper = sub.choices["sweep"]
@@ -264,7 +318,8 @@ def main() -> None:
     sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
     sub.add_parser("report").add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
-    {"run": run, "sweep": sweep, "roundtrip": roundtrip, "report": report}[args.command](args)
+    commands = {"run": run, "numerics": compare_numerics, "sweep": sweep, "roundtrip": roundtrip, "report": report}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
