@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         help="bytes per chunk (default %(default)s; accepts K/M)",
     )
     p.add_argument(
-        "--batch", type=int, default=DEFAULT_BATCH, metavar="N", help="chunks coded in lockstep (default %(default)s)"
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        metavar="N",
+        help="chunks coded together; also rows decoded together (default %(default)s)",
     )
     p.add_argument(
         "-T",
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.decompress:
             from llmpipe.decompressor import Decompressor
 
-            worker = Decompressor(args.model, force=args.force, threads=args.threads)
+            worker = Decompressor(args.model, force=args.force, threads=args.threads, batch=args.batch)
 
             def process(src: BinaryIO, dst: BinaryIO, name: str) -> object:
                 return _report(args, name, worker.decompress_stream(src, dst, name))

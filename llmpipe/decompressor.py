@@ -1,9 +1,12 @@
 """Streaming decompression: read blocks, decode, verify, and only then write.
 
-Nothing reaches the sink before its block's CRC32 matched. LLM blocks are
-decoded in the groups the encoder coded them in: a group starts at a block
-flagged ``GROUP_START``, which says how many LLM blocks (rows) it has, so at
-most about ``2 x batch`` blocks are held in memory. The model is loaded
+Nothing reaches the sink before its block's CRC32 matched. LLM blocks come
+in groups: a group starts at a block flagged ``GROUP_START``, which says how
+many LLM blocks (rows) it has, so at most about ``2 x batch`` blocks are held
+per group. Float archives are decoded exactly in the encoder's groups; exact
+archives in batches of whole groups up to the decoder's own ``batch`` rows
+(their numbers do not depend on the batch), which keeps the model busy even
+for archives made with small batches. The model is loaded
 at the first LLM block, and its identity and numerics are checked against the
 header before any model work.
 """
@@ -20,7 +23,7 @@ from typing import BinaryIO
 import zstandard
 
 from llmpipe.codec import LlmCoder
-from llmpipe.compressor import DEFAULT_THREADS, Stats
+from llmpipe.compressor import DEFAULT_BATCH, DEFAULT_THREADS, Stats
 from llmpipe.engine import create_engine
 from llmpipe.engine.exact_llama import NUMERICS_VERSION
 from llmpipe.engine.float_engine import numeric_fingerprint
@@ -73,11 +76,17 @@ class Decompressor:
     """Decodes llmpipe archives; keeps the loaded model between streams."""
 
     def __init__(
-        self, model: str | LoadedModel | None = None, *, force: bool = False, threads: int = DEFAULT_THREADS
+        self,
+        model: str | LoadedModel | None = None,
+        *,
+        force: bool = False,
+        threads: int = DEFAULT_THREADS,
+        batch: int = DEFAULT_BATCH,
     ) -> None:
         self._model_spec = model
         self._force = force
         self._threads = threads
+        self._batch = batch  # rows decoded together for exact archives (float ones keep the encoder's groups)
         self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None
         self._coder: LlmCoder | None = None
         self._coder_key: tuple | None = None
@@ -153,8 +162,11 @@ class Decompressor:
         if not 1 <= batch <= MAX_ROWS:
             raise ArchiveError(f"corrupt header: batch {batch} out of range")
         max_size = min(batch * chunk_size, MAX_WINDOW)
-        pending: list[_Pending] = []  # blocks held until their lockstep group is complete
+        # float groups must be decoded exactly as they were coded; exact ones are merged up to our own batch
+        merge_rows = self._batch if _header_field(header, "numerics.engine", str) == "exact" else 0
+        pending: list[_Pending] = []  # blocks held until their group is complete (and merged)
         rows_missing = 0  # LLM blocks the open group still needs
+        group_blocks = 0  # blocks since the open group started
         number = 0
         offset = 0
         while True:
@@ -162,6 +174,7 @@ class Decompressor:
             if not isinstance(record, Block):
                 if rows_missing:
                     raise ArchiveError(f"corrupt archive: stream ends inside a group ({rows_missing} blocks missing)")
+                self._flush(pending, header, sink, stats)
                 count, total = record
                 if count != number or total != offset:
                     raise ArchiveError(
@@ -174,14 +187,16 @@ class Decompressor:
                     if rows_missing:
                         raise ArchiveError(f"corrupt archive: block {number} starts a group inside another")
                     rows_missing = record.group_rows
+                    group_blocks = 0
                 elif not rows_missing:
                     raise ArchiveError(f"corrupt archive: block {number} continues a group that never started")
                 rows_missing -= 1
             pending.append(_Pending(number, offset, record))
             offset += record.original_size
-            if len(pending) > 2 * batch + 1:  # rows interleave with at most one plain block each
-                raise ArchiveError(f"corrupt archive: group at block {pending[0].number} never completes")
-            if not rows_missing:
+            group_blocks += 1
+            if rows_missing and group_blocks > 2 * batch + 1:  # rows interleave with at most one plain block each
+                raise ArchiveError(f"corrupt archive: group at block {number - group_blocks + 1} never completes")
+            if not rows_missing and sum(p.block.kind == BlockKind.LLM for p in pending) >= merge_rows:
                 self._flush(pending, header, sink, stats)
                 pending = []
 

@@ -117,13 +117,13 @@ if __name__ == "__main__":
 
     from llmpipe.compressor import Compressor
     from llmpipe.models import cache
-    from tests.tiny_model import DATA, build_tiny_model
+    from tests.tiny_model import COMMITTED, DATA, build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         import os
 
         os.environ["LLMPIPE_CACHE"] = tmp
-        model = cache.load(str(build_tiny_model(Path(tmp) / "tiny")))
+        model = cache.load(str(COMMITTED))
         other = cache.load(str(build_tiny_model(Path(tmp) / "other", train_steps=1, seed=1)))
         original = (DATA / "alice_chapter1.txt").read_bytes()[:150]
         archive = Compressor(model, chunk_size=64, batch=2, threads=1).compress(original)

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 
 from llmpipe.models import cache
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import COMMITTED
 
 REAL_CACHE = cache.cache_dir()  # read before the isolated cache below replaces it
 SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Hugging Face checkpoint directory of the tiny model (built once per test run)."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+def tiny_model_dir() -> Path:
+    """The Hugging Face checkpoint directory of the committed tiny model (see ``tests/tiny_model.py``)."""
+    return COMMITTED
 
 
 @pytest.fixture(scope="session", autouse=True)

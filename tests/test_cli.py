@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bad_archives import split_header
 from tests.tiny_model import DATA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,24 @@ def test_filter_round_trip(archive, model_args):
     done = run(["-d", *model_args], archive)
     assert done.returncode == 0, done.stderr
     assert done.stdout == TEXT
+
+
+def test_archive_from_batch_1_one_thread_decodes_with_batch_64_two_threads(tiny_model_dir):
+    model = ["--model", str(tiny_model_dir), "--chunk-size", "256"]
+    packed = run(["-c", *model, "--batch", "1", "-T", "1"], TEXT)
+    assert packed.returncode == 0, packed.stderr
+    restored = run(["-d", *model, "--batch", "64", "-T", "2"], packed.stdout)
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout == TEXT
+
+
+def test_float_archive_records_its_numerics(tiny_model_dir):
+    packed = run(["-c", "--model", str(tiny_model_dir), "--numerics", "float", "--chunk-size", "512"], TEXT)
+    assert packed.returncode == 0, packed.stderr
+    assert split_header(packed.stdout)[0]["numerics"]["engine"] == "float"
+    restored = run(["-d", "--model", str(tiny_model_dir)], packed.stdout)
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout == TEXT
 
 
 def test_decoder_finds_the_model_by_hash_without_model_option(archive):

@@ -160,3 +160,11 @@ def test_float_fingerprint_mismatch_is_refused_unless_forced(tiny_model):
     with pytest.raises(ModelMismatchError, match=r"cpu_capability 'NEON' here '.*', torch '0.0.1'"):
         Decompressor(tiny_model).decompress(changed)
     assert Decompressor(tiny_model, force=True).decompress(changed) == TEXT[:700]
+
+
+def test_exact_groups_are_merged_up_to_the_decoder_batch(tiny_model):
+    """An archive of one-row groups decodes in batches of several groups (and in single groups)."""
+    data = TEXT[:2500]
+    archive = Compressor(tiny_model, chunk_size=CHUNK, batch=1, threads=1).compress(data)
+    assert Decompressor(tiny_model, batch=8).decompress(archive) == data
+    assert Decompressor(tiny_model, batch=1).decompress(archive) == data

@@ -1,10 +1,14 @@
-"""Build the tiny Llama model the fast tests run on, from a fixed seed.
+"""The tiny Llama model the fast tests run on, and how it was built.
 
 A random model would lose to zstd on every chunk and never exercise LLM
 coding, so the model is trained for a few seconds on a public-domain text
 shipped in ``tests/data``, with a byte-level BPE tokenizer trained on the same
-text. The result is a Hugging Face checkpoint directory, which llmpipe then
-prepares through the same code path as a user's ``--model DIR``.
+text. Training in floating point is not reproducible across machines, so the
+result is committed (``tests/data/tiny-llama``, float16 weights, about 200 KB)
+and the golden archive in ``tests/golden`` is made with it; regenerate both
+only on purpose: ``python -m tests.tiny_model`` then
+``GENERATE_EXPECTED=1 pytest tests/test_golden.py``. llmpipe prepares the
+directory through the same code path as a user's ``--model DIR``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).parent / "data"
+COMMITTED = DATA / "tiny-llama"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -61,7 +66,12 @@ def build_tiny_model(target: Path, *, vocab_size: int = 384, train_steps: int = 
         loss.backward()
         optimizer.step()
     model.eval()
+    model.to(torch.float16)  # halves the committed file; llmpipe converts to float32 when preparing
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     fast.save_pretrained(target)
     return target
+
+
+if __name__ == "__main__":
+    print(build_tiny_model(COMMITTED))

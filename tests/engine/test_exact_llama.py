@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmpipe.coder.frequencies import frequency_tables
 from llmpipe.engine.exact_llama import ExactLlama, prepare_exact_weights
@@ -28,28 +30,40 @@ def _full(llama: ExactLlama, tokens: torch.Tensor) -> torch.Tensor:
         return llama.logits(rows, scales).view(*tokens.shape, -1)
 
 
-def test_incremental_equals_full_sequence_bit_for_bit(tiny):
-    model, llama = tiny
-    tokens = _tokens(0, 3, 300, model.config.vocab_size)  # longer than one query block (256)
-    full = _full(llama, tokens)
-    cache = llama.new_cache(3, 300)
+def _incremental(llama: ExactLlama, tokens: torch.Tensor) -> torch.Tensor:
+    cache = llama.new_cache(*tokens.shape)
+    steps = []
     with torch.inference_mode():
-        for p in range(300):
-            rows, scales = llama.hidden(tokens[:, p : p + 1], cache)
-            assert torch.equal(llama.logits(rows, scales), full[:, p]), f"position {p}"
+        for p in range(tokens.shape[1]):
+            steps.append(llama.logits(*llama.hidden(tokens[:, p : p + 1], cache)))
+    return torch.stack(steps, dim=1)
 
 
-def test_independent_of_batch_padding_and_threads(tiny):
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), length=st.integers(2, 90))
+def test_same_numbers_whatever_the_schedule(tiny, seed, length):
+    """Full sequence at batch 64 and 2 threads == incremental at batch 7 == alone at batch 1 and 1 thread,
+    from contiguous or strided token tensors (fresh random inputs on every run)."""
     model, llama = tiny
-    tokens = _tokens(1, 4, 120, model.config.vocab_size)
-    together = _full(llama, tokens)
+    tokens = _tokens(seed, 64, length, model.config.vocab_size)
+    reference = _full(llama, tokens)  # batch 64
+    assert torch.equal(_incremental(llama, tokens[10:17]), reference[10:17])  # batch 7, KV cache
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = _full(llama, tokens[2:3, :77])  # alone, one thread, shorter (as if the others were padding)
+        strided = tokens.t().contiguous().t()[40:41]  # the same row through a non-contiguous view
+        assert not strided.is_contiguous()
+        assert torch.equal(_full(llama, strided), reference[40:41])  # batch 1
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(alone[0], together[2, :77])
+    tables = frequency_tables(reference[5], 256)
+    assert torch.equal(tables, frequency_tables(_full(llama, tokens[5:6])[0], 256))
+
+
+def test_incremental_equals_full_sequence_past_several_query_blocks(tiny):
+    model, llama = tiny
+    tokens = _tokens(0, 2, 300, model.config.vocab_size)
+    assert torch.equal(_incremental(llama, tokens), _full(llama, tokens))
 
 
 def test_close_to_float32(tiny):

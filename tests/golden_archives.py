@@ -1,0 +1,35 @@
+"""Golden archives: made once, committed as base64 text, decoded again by every test run.
+
+An archive made by an earlier llmpipe must still decode (the promise to
+anyone keeping backups), and the encoder must still produce the same blocks
+(so no change to numerics or format slips in unnoticed). Regenerate only on
+purpose, together with a new format or numerics version:
+``GENERATE_EXPECTED=1 pytest tests/test_golden.py tests/smoke/test_golden_archive.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from llmpipe.compressor import Compressor
+from llmpipe.decompressor import Decompressor
+from tests.bad_archives import split_header
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def check_golden(name: str, compressor: Compressor, decompressor: Decompressor, source: bytes, about: str) -> None:
+    path = GOLDEN / f"{name}.json"
+    archive = compressor.compress(source)
+    if os.environ.get("GENERATE_EXPECTED"):
+        record = {"about": about, "archive_base64": base64.b64encode(archive).decode()}
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        pytest.skip(f"{path} regenerated")
+    golden = base64.b64decode(json.loads(path.read_text())["archive_base64"])
+    assert decompressor.decompress(golden) == source
+    assert split_header(archive)[1] == split_header(golden)[1], "the encoder's blocks changed"

@@ -1,0 +1,17 @@
+"""The golden archive of the committed tiny model (see ``tests/golden_archives.py``)."""
+
+from llmpipe.compressor import Compressor
+from llmpipe.decompressor import Decompressor
+from tests.golden_archives import check_golden
+from tests.tiny_model import DATA
+
+SOURCE = (DATA / "alice_chapter1.txt").read_bytes()[:3000] + b"\xff\x00<|im_start|>\r\n" + bytes(range(256))
+
+
+def test_golden_archive(tiny_model):
+    about = (
+        "tests/data/alice_chapter1.txt, first 3000 bytes, plus invalid UTF-8, NUL, special-token text and all 256 "
+        "byte values; tests/data/tiny-llama, chunk size 256, batch 4, exact numerics v1"
+    )
+    compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1)
+    check_golden("tiny_model", compressor, Decompressor(tiny_model), SOURCE, about)
