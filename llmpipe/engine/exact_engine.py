@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llmpipe.coder.frequencies import frequency_tables
 from llmpipe.engine.exact_llama import NUMERICS_VERSION, ExactKVCache, ExactLlama, prepare_exact_weights
 from llmpipe.engine.memory import check_kv_budget
-from llmpipe.models.cache import LoadedModel
+from llmpipe.models.cache import LoadedModel, weights_hash
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 TOKENS_PER_PASS = 1024
@@ -34,14 +35,23 @@ def numerics_record() -> dict:
 
 
 def _exact_weights(model: LoadedModel) -> dict[str, torch.Tensor]:
-    """The prepared int8 weights, from the model cache or derived now (and stored when the cache is writable)."""
+    """The prepared int8 weights, from the model cache or derived now (and stored when the cache is writable).
+
+    The stored file carries the SHA-256 of its tensors and is checked on every
+    load: a damaged copy would silently make archives that decode nowhere else,
+    so it is derived again instead.
+    """
     path = Path(model.directory) / f"exact-v{NUMERICS_VERSION}.safetensors"
     if path.exists():
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as stored:
+            recorded = (stored.metadata() or {}).get("sha256")
+        weights = load_file(str(path))
+        if recorded == weights_hash(weights):
+            return weights
     weights = prepare_exact_weights(model.config, model.weights)
     try:
         partial = path.with_suffix(".partial")
-        save_file(weights, str(partial), metadata={"weights_sha256": model.weights_sha256})
+        save_file(weights, str(partial), metadata={"sha256": weights_hash(weights)})
         partial.replace(path)
     except OSError:
         pass  # a read-only cache still works, it just prepares again next time

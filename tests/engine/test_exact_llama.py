@@ -137,3 +137,16 @@ def test_frequency_tables_are_pinned():
         print(f"\nPINNED_TABLES_SHA256 = {digest!r}")
         return
     assert digest == PINNED_TABLES_SHA256
+
+
+def test_prepared_weights_are_cached_and_a_damaged_copy_is_replaced(tiny_model):
+    from llmpipe.engine.exact_engine import _exact_weights
+
+    first = _exact_weights(tiny_model)
+    stored = next(tiny_model.directory.glob("exact-v*.safetensors"))
+    data = bytearray(stored.read_bytes())
+    data[-5] ^= 0x40  # flip a bit inside the last tensor
+    stored.write_bytes(bytes(data))
+    again = _exact_weights(tiny_model)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert _exact_weights(tiny_model).keys() == first.keys()
