@@ -329,7 +329,8 @@ def report(args: argparse.Namespace) -> None:
             lines.append(
                 f"`llmpipe -c` then `llmpipe -d` through the CLI on every file of `../shared/corpus`, each sliced "
                 f"to its first {max(r['bytes'] for r in rows)} bytes, chunk size {run_data['chunk_size']}: "
-                f"**{passed} of {len(rows)} identical**. bpb includes the ~390-byte header."
+                f"**{passed} of {len(rows)} identical**. bpb includes the stream header "
+                "(about 340 bytes with exact numerics)."
             )
             lines.append("")
             lines.append("| file | bytes | identical | bpb | seconds (both directions) |")

@@ -20,7 +20,6 @@ ACT_MAX = 32639
 WEIGHT_MAX = 127
 """Weights are int8 in [-127, 127] with one float32 scale per output channel."""
 
-FP32_EXACT = 1 << 24  # every integer of magnitude <= 2^24 is a float32
 _FP32_SPLIT = 1024
 """Reduction pieces for the float32 fallback: 128 * 127 * 1024 = 16,646,144 < 2^24, so every
 partial sum of int8 x int8 products stays an exactly representable integer, in any order."""
@@ -56,10 +55,6 @@ def split_bytes(q: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat([high, low], dim=dim)
 
 
-def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch._int_mm(a, b)
-
-
 def _fp32_split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 x int8 -> int32 through float32 GEMMs on reduction pieces small enough to be exact."""
     total = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64)
@@ -86,7 +81,7 @@ def _known_answer_ok(matmul) -> bool:
         return False
 
 
-_INT8_MATMUL = _int_mm_exact if _known_answer_ok(_int_mm_exact) else _fp32_split_mm
+_INT8_MATMUL = torch._int_mm if _known_answer_ok(torch._int_mm) else _fp32_split_mm
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
