@@ -196,9 +196,12 @@ class Decompressor:
             group_blocks += 1
             if rows_missing and group_blocks > 2 * batch + 1:  # rows interleave with at most one plain block each
                 raise ArchiveError(f"corrupt archive: group at block {number - group_blocks + 1} never completes")
-            if not rows_missing and sum(p.block.kind == BlockKind.LLM for p in pending) >= merge_rows:
-                self._flush(pending, header, sink, stats)
-                pending = []
+            if not rows_missing:
+                rows = sum(p.block.kind == BlockKind.LLM for p in pending)
+                # flush a full batch, plain blocks at once, and never hold more than a batch's worth of blocks
+                if rows == 0 or rows >= merge_rows or len(pending) >= 2 * merge_rows + 1:
+                    self._flush(pending, header, sink, stats)
+                    pending = []
 
     def _flush(self, pending: list[_Pending], header: dict, sink: BinaryIO, stats: Stats) -> None:
         llm = [p for p in pending if p.block.kind == BlockKind.LLM]

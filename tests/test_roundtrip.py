@@ -168,3 +168,19 @@ def test_exact_groups_are_merged_up_to_the_decoder_batch(tiny_model):
     archive = Compressor(tiny_model, chunk_size=CHUNK, batch=1, threads=1).compress(data)
     assert Decompressor(tiny_model, batch=8).decompress(archive) == data
     assert Decompressor(tiny_model, batch=1).decompress(archive) == data
+
+
+def test_decoder_holds_a_bounded_number_of_blocks(tiny_model, monkeypatch):
+    """Plain blocks after a lone LLM row are written as they come, not held for a batch that never fills."""
+    data = TEXT[:256] + random.Random(3).randbytes(256 * 40)  # one text row, then 40 rows zstd/raw cannot beat
+    archive = Compressor(tiny_model, chunk_size=CHUNK, batch=1, threads=1).compress(data)
+    held: list[int] = []
+    original = Decompressor._flush
+
+    def counting(self, pending, *args):
+        held.append(len(pending))
+        return original(self, pending, *args)
+
+    monkeypatch.setattr(Decompressor, "_flush", counting)
+    assert Decompressor(tiny_model, batch=8).decompress(archive) == data
+    assert len(held) > 5 and max(held) <= 2 * 8 + 1
