@@ -22,8 +22,8 @@ from llmpipe import __version__
 from llmpipe.codec import LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
 from llmpipe.engine import create_engine
-from llmpipe.engine.memory import KV_CACHE_LIMIT
-from llmpipe.errors import UsageError
+from llmpipe.engine.memory import check_kv_budget
+from llmpipe.errors import LlmpipeError, UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
@@ -151,12 +151,10 @@ class Compressor:
         self.threads = threads
         engine = create_engine(numerics, self.model, threads, batch)
         worst_positions = min(chunk_size, engine.max_positions)  # a row never has more symbols than chunk_size
-        worst_bytes = batch * worst_positions * engine.kv_bytes_per_position
-        if worst_bytes > KV_CACHE_LIMIT:
-            raise UsageError(
-                f"--batch {batch} with --chunk-size {chunk_size} may need {worst_bytes / 2**30:.1f} GiB of KV cache "
-                f"(limit {KV_CACHE_LIMIT >> 30} GiB): use a smaller batch or chunk size"
-            )
+        try:  # refuse now what a group of this size could need, not hours into the input
+            check_kv_budget(batch, worst_positions, engine.max_positions, engine.kv_bytes_per_position)
+        except LlmpipeError as exc:
+            raise UsageError(f"--batch {batch} with --chunk-size {chunk_size}: {exc}") from None
         self._coder = LlmCoder(engine, self.model.tokenizer)
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 

@@ -184,3 +184,12 @@ def test_decoder_holds_a_bounded_number_of_blocks(tiny_model, monkeypatch):
     monkeypatch.setattr(Decompressor, "_flush", counting)
     assert Decompressor(tiny_model, batch=8).decompress(archive) == data
     assert len(held) > 5 and max(held) <= 2 * 8 + 1
+
+
+def test_a_batch_too_large_for_the_kv_budget_is_refused_up_front(tiny_model, monkeypatch):
+    from llmpipe.engine import memory
+    from llmpipe.errors import UsageError
+
+    monkeypatch.setattr(memory, "KV_CACHE_LIMIT", 1 << 20)
+    with pytest.raises(UsageError, match=r"--batch 64 with --chunk-size 2048: .* GiB of KV cache, over the"):
+        Compressor(tiny_model, chunk_size=2048, batch=64)

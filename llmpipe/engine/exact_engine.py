@@ -20,18 +20,14 @@ from safetensors.torch import load_file, save_file
 from llmpipe.coder.frequencies import frequency_tables
 from llmpipe.engine.exact_llama import NUMERICS_VERSION, ExactKVCache, ExactLlama, prepare_exact_weights
 from llmpipe.engine.memory import check_kv_budget
+from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LoadedModel, weights_hash
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 TOKENS_PER_PASS = 1024
 """Positions one full-sequence pass handles together (rows x length): bounds the encoder's memory."""
 HEAD_SLICE = 512
-"""Positions turned into frequency tables at a time (each table is (V + 256) int64)."""
-
-
-def numerics_record() -> dict:
-    """What the header says about the numerics of an exact archive (no machine details: they do not matter)."""
-    return {"engine": "exact", "version": NUMERICS_VERSION}
+"""Positions turned into frequency tables at a time (each table is V + 256 float64 values)."""
 
 
 def _exact_weights(model: LoadedModel) -> dict[str, torch.Tensor]:
@@ -58,21 +54,6 @@ def _exact_weights(model: LoadedModel) -> dict[str, torch.Tensor]:
     return weights
 
 
-class ExactSession:
-    """``rows`` sequences advanced together one position per :meth:`step` (the decoder's schedule)."""
-
-    def __init__(self, llama: ExactLlama, rows: int, max_len: int) -> None:
-        self._llama = llama
-        self._cache = llama.new_cache(rows, max_len)
-
-    def step(self, inputs: list[int]) -> torch.Tensor:
-        """Feed one token per row; return the frequency tables for the next symbols, (rows, V + 256)."""
-        tokens = torch.tensor(inputs, dtype=torch.long).unsqueeze(1)
-        with torch.inference_mode():
-            rows, scales = self._llama.hidden(tokens, self._cache)
-            return frequency_tables(self._llama.logits(rows, scales), ESCAPE_SYMBOLS)
-
-
 class ExactEngine:
     """Runs a loaded model with exact integer numerics on the CPU."""
 
@@ -86,11 +67,12 @@ class ExactEngine:
         self._llama = ExactLlama(cfg, _exact_weights(model))
 
     def numerics(self) -> dict:
-        return numerics_record()
+        """The header's numerics record: no machine details, since they do not matter."""
+        return {"engine": "exact", "version": NUMERICS_VERSION}
 
-    def session(self, rows: int, max_len: int) -> ExactSession:
+    def session(self, rows: int, max_len: int) -> LockstepSession:
         check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position)
-        return ExactSession(self._llama, rows, max_len)
+        return LockstepSession(self._llama, rows, max_len)
 
     def tables(self, inputs: list[list[int]]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Score every position of every row in full-sequence passes.
@@ -99,12 +81,10 @@ class ExactEngine:
         all symbols but the last). Yields ``(row, first_position, freq)`` with
         ``freq`` the tables of consecutive positions, in row order.
         """
-        order = list(range(len(inputs)))
         r = 0
-        while r < len(order):
-            length = len(inputs[order[r]])
-            together = max(1, TOKENS_PER_PASS // max(length, 1))
-            batch = order[r : r + together]
+        while r < len(inputs):
+            together = max(1, TOKENS_PER_PASS // max(len(inputs[r]), 1))
+            batch = range(r, min(r + together, len(inputs)))
             width = max(len(inputs[i]) for i in batch)
             padded = [inputs[i] + [inputs[i][-1]] * (width - len(inputs[i])) for i in batch]
             check_kv_budget(len(batch), width, self.max_positions, self.kv_bytes_per_position)

@@ -246,3 +246,7 @@ class ExactLlama:
     def logits(self, rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Final logits (M, V) float32 for rows returned by :meth:`hidden`."""
         return self.lm_head(rows, scales)
+
+    def forward(self, tokens: torch.Tensor, cache: ExactKVCache) -> torch.Tensor:
+        """Logits (B, T, V) for ``tokens`` (B, T) after what ``cache`` holds."""
+        return self.logits(*self.hidden(tokens, cache)).view(*tokens.shape, -1)

@@ -15,11 +15,10 @@ import platform
 import numpy as np
 import torch
 
-from llmpipe.coder.frequencies import frequency_tables
 from llmpipe.engine.memory import check_kv_budget
+from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LoadedModel
-from llmpipe.models.llama import KVCache, Llama
-from llmpipe.tokenization import ESCAPE_SYMBOLS
+from llmpipe.models.llama import Llama
 
 
 def numeric_fingerprint(threads: int, batch: int) -> dict:
@@ -35,21 +34,6 @@ def numeric_fingerprint(threads: int, batch: int) -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
     }
-
-
-class LockstepSession:
-    """``rows`` sequences advanced together one position per :meth:`step`."""
-
-    def __init__(self, llama: Llama, rows: int, max_len: int) -> None:
-        self._llama = llama
-        self._cache: KVCache = llama.new_cache(rows, max_len)
-
-    def step(self, inputs: list[int]) -> torch.Tensor:
-        """Feed one token per row; return the frequency tables for the next symbols, (rows, V + 256)."""
-        tokens = torch.tensor(inputs, dtype=torch.long).unsqueeze(1)  # (B, 1)
-        with torch.inference_mode():
-            logits = self._llama.forward(tokens, self._cache)  # (B, 1, V)
-        return frequency_tables(logits[:, 0], ESCAPE_SYMBOLS)
 
 
 class FloatEngine:

@@ -26,8 +26,7 @@ def _tokens(seed: int, rows: int, length: int, vocab: int) -> torch.Tensor:
 
 def _full(llama: ExactLlama, tokens: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        rows, scales = llama.hidden(tokens, llama.new_cache(*tokens.shape))
-        return llama.logits(rows, scales).view(*tokens.shape, -1)
+        return llama.forward(tokens, llama.new_cache(*tokens.shape))
 
 
 def _incremental(llama: ExactLlama, tokens: torch.Tensor) -> torch.Tensor:
@@ -35,8 +34,8 @@ def _incremental(llama: ExactLlama, tokens: torch.Tensor) -> torch.Tensor:
     steps = []
     with torch.inference_mode():
         for p in range(tokens.shape[1]):
-            steps.append(llama.logits(*llama.hidden(tokens[:, p : p + 1], cache)))
-    return torch.stack(steps, dim=1)
+            steps.append(llama.forward(tokens[:, p : p + 1], cache))
+    return torch.cat(steps, dim=1)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

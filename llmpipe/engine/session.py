@@ -1,0 +1,33 @@
+"""The decoder's schedule, shared by both engines: rows advanced one position per step through a KV cache."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from llmpipe.coder.frequencies import frequency_tables
+from llmpipe.tokenization import ESCAPE_SYMBOLS
+
+
+class CachedModel(Protocol):
+    """A network with a preallocated KV cache (``models.llama.Llama``, ``engine.exact_llama.ExactLlama``)."""
+
+    def new_cache(self, batch: int, max_len: int) -> object: ...
+
+    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor: ...
+
+
+class LockstepSession:
+    """``rows`` sequences advanced together one position per :meth:`step`."""
+
+    def __init__(self, model: CachedModel, rows: int, max_len: int) -> None:
+        self._model = model
+        self._cache = model.new_cache(rows, max_len)
+
+    def step(self, inputs: list[int]) -> torch.Tensor:
+        """Feed one token per row; return the frequency tables for the next symbols, (rows, V + 256)."""
+        tokens = torch.tensor(inputs, dtype=torch.long).unsqueeze(1)  # (B, 1)
+        with torch.inference_mode():
+            logits = self._model.forward(tokens, self._cache)  # (B, 1, V)
+        return frequency_tables(logits[:, 0], ESCAPE_SYMBOLS)
