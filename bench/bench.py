@@ -30,8 +30,9 @@ import brotli
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmpipe.compressor import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, Compressor  # noqa: E402
+from llmpipe.compressor import Compressor  # noqa: E402
 from llmpipe.decompressor import Decompressor  # noqa: E402
+from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE  # noqa: E402
 from llmpipe.models import cache  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpus"

@@ -2,34 +2,35 @@
 
 Exit codes: 0 success, 1 error (one line on stderr, no traceback). With no
 file argument it filters stdin to stdout; ``FILE`` compresses to
-``FILE.llmp``; ``-d FILE.llmp`` restores ``FILE``. Output files are written
-next to their target under a temporary name and renamed only after the whole
-stream was written (compression) or verified (decompression), so an error or
-Ctrl-C never leaves a partial file behind.
+``FILE.llmp``; ``-d FILE.llmp`` restores ``FILE``. An output file is written
+as ``TARGET.part`` and renamed only after the whole stream was written
+(compression) or verified (decompression). On an error or Ctrl-C the part
+file is removed, unless ``--resume`` was given: then it stays, and the same
+command with ``--resume`` continues from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
-import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from llmpipe import __version__
-from llmpipe.engine import NUMERICS
-from llmpipe.errors import LlmpipeError, UsageError
+from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
+from llmpipe.errors import DamagedArchiveError, LlmpipeError, UsageError
 
 SUFFIX = ".llmp"
+PART_SUFFIX = ".part"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from llmpipe.compressor import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
-
     p = argparse.ArgumentParser(
         prog="llmpipe",
         description="Lossless compression with a language model driving a range coder.",
@@ -39,15 +40,31 @@ def _parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("-z", "--compress", action="store_true", help="compress (the default)")
     mode.add_argument("-d", "--decompress", action="store_true", help="decompress")
+    mode.add_argument("-t", "--test", action="store_true", help="decode and verify archives, write nothing")
+    mode.add_argument("-l", "--list", action="store_true", help="describe archives from their index (no model)")
     p.add_argument("-c", "--stdout", action="store_true", help="write to standard output")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (one input only)")
     p.add_argument("-k", "--keep", action="store_true", help="keep input files (the default)")
+    p.add_argument("--rm", action="store_true", help="remove each input file after its output is verified and synced")
     p.add_argument(
         "-f", "--force", action="store_true", help="overwrite outputs; allow terminals; accept numeric mismatches"
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="print no warnings")
-    p.add_argument("-v", "--verbose", action="store_true", help="print statistics to stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="print no warnings or progress")
+    p.add_argument("-v", "--verbose", action="store_true", help="print statistics (with -l: every block)")
     p.add_argument("-V", "--version", action="version", version=f"llmpipe {__version__}")
+    p.add_argument("--json", action="store_true", help="with -l: print JSON")
+    p.add_argument("--range", metavar="START:END", type=_byte_range, help="decompress only these bytes of the original")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep TARGET.part if interrupted, and continue an interrupted run from it (input files only)",
+    )
+    p.add_argument(
+        "--keep-going", action="store_true", help="decompress past damaged blocks, leaving them out (exit 1)"
+    )
+    progress = p.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress")
+    progress.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
     p.add_argument("--model", metavar="NAME", help="default, a Hugging Face id, a model directory or a .gguf file")
     p.add_argument(
         "--chunk-size",
@@ -73,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--numerics",
-        choices=NUMERICS,
+        choices=("exact", "float"),
         default="exact",
         help="exact: integer arithmetic, decodes on any machine (default); "
         "float: float32, decodes only where the machine and settings match",
@@ -91,6 +108,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _byte_range(text: str) -> tuple[int, int | None]:
+    """``START:END`` (END exclusive; either may be empty, sizes accept K/M)."""
+    start, sep, end = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"not a range (START:END): {text!r}")
+    lo = _size(start) if start else 0
+    hi = _size(end) if end else None
+    if lo < 0 or hi is not None and hi < lo:
+        raise argparse.ArgumentTypeError(f"empty or reversed range: {text!r}")
+    return lo, hi
+
+
 def _fetch() -> int:
     from llmpipe.models import cache
 
@@ -100,53 +129,141 @@ def _fetch() -> int:
     return 0
 
 
-class _AtomicOutput:
-    """A file written under a temporary name, renamed into place only by :meth:`commit`."""
+class _PartFile:
+    """``TARGET.part``, renamed to ``TARGET`` only by :meth:`commit`; kept on failure when resuming."""
 
-    def __init__(self, target: Path, force: bool) -> None:
+    def __init__(self, target: Path, force: bool, resume: bool) -> None:
         if target.exists() and not force:
             raise UsageError(f"{target}: already exists (use -f to overwrite)")
         self.target = target
-        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent or ".")
-        self.temp = Path(temp)
-        self.file: BinaryIO = os.fdopen(fd, "wb")
+        self.part = target.with_name(target.name + PART_SUFFIX)
+        self.resume = resume
+        self.resumed = self.part.exists() and resume
+        if self.part.exists() and not (resume or force):
+            raise UsageError(f"{self.part}: exists (an interrupted run?); use --resume to continue it or -f to redo it")
+        self.file: BinaryIO = open(self.part, "r+b" if self.resumed else "w+b")  # noqa: SIM115 - closed by commit/discard
 
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.temp, self.target)
+        os.replace(self.part, self.target)
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            directory = os.open(self.target.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     def discard(self) -> None:
-        self.file.close()
-        self.temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.file.close()
+        if self.resume and self.part.exists():
+            print(f"llmpipe: {self.part}: kept; run the same command again to resume", file=sys.stderr)
+        else:
+            self.part.unlink(missing_ok=True)
 
 
-def _run_one(
-    process: Callable[[BinaryIO, BinaryIO, str], object], source: str, target: str | None, args: argparse.Namespace
-) -> None:
-    """Run ``process(src, dst, name)`` from ``source`` ('-' is stdin) to ``target`` (None is stdout)."""
-    name = "<stdin>" if source == "-" else source
-    if source != "-" and not Path(source).is_file():
-        raise LlmpipeError(f"{source}: no such file")
-    compressing = not args.decompress
-    if target is None and compressing and sys.stdout.isatty() and not args.force:
-        raise UsageError("refusing to write compressed data to a terminal (use -f to force)")
-    if source == "-" and not compressing and sys.stdin.isatty() and not args.force:
-        raise UsageError("refusing to read compressed data from a terminal (use -f to force)")
-    with contextlib.ExitStack() as stack:
-        src = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
-        if target is None:
-            process(src, sys.stdout.buffer, name)
-            sys.stdout.buffer.flush()
+class _Progress:
+    """One self-overwriting line on stderr: bytes in and out, bits per byte, speed, ETA."""
+
+    def __init__(self, name: str, total: int | None, enabled: bool, compressing: bool) -> None:
+        self.name, self.total, self.enabled, self.compressing = name, total, enabled, compressing
+        self.started = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, stats) -> None:
+        if not self.enabled:
             return
-        out = _AtomicOutput(Path(target), args.force)
-        try:
-            process(src, out.file, name)
+        done = stats.input_bytes if self.compressing else stats.output_bytes  # bytes of the file being read
+        seconds = time.perf_counter() - self.started
+        speed = stats.input_bytes / 1024 / seconds if seconds else 0.0
+        line = (
+            f"{self.name}: {stats.input_bytes >> 10} KiB <-> {stats.output_bytes >> 10} KiB, "
+            f"{stats.bits_per_byte:.3f} bits/byte, {speed:.2f} KB/s"
+        )
+        if self.total and done and done < self.total:
+            eta = seconds * (self.total - done) / done
+            hours, rest = divmod(int(eta), 3600)
+            line += f", {100 * done / self.total:.0f}%, ETA {hours}:{rest // 60:02d}:{rest % 60:02d}"
+        print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
+
+
+class _Job:
+    """One input file (or stdin) to one output, with the options of the command line."""
+
+    def __init__(self, args: argparse.Namespace, source: str) -> None:
+        self.args = args
+        self.source = source
+        self.name = "<stdin>" if source == "-" else source
+        if source != "-" and not Path(source).is_file():
+            raise LlmpipeError(f"{source}: no such file")
+        self.compressing = not (args.decompress or args.test)
+        self.target = None if args.test else _target_for(source, args)
+        if args.rm and (self.target is None or source == "-"):
+            raise UsageError("--rm needs an input file and an output file")
+        if args.resume and (self.target is None or source == "-"):
+            raise UsageError("--resume needs an input file and an output file")
+        if self.target is None and self.compressing and sys.stdout.isatty() and not args.force:
+            raise UsageError("refusing to write compressed data to a terminal (use -f to force)")
+        if source == "-" and not self.compressing and sys.stdin.isatty() and not args.force:
+            raise UsageError("refusing to read compressed data from a terminal (use -f to force)")
+
+    def run(self, work: Callable[[BinaryIO, BinaryIO, _PartFile | None, _Progress], object]) -> None:
+        args = self.args
+        with contextlib.ExitStack() as stack:
+            src = sys.stdin.buffer if self.source == "-" else stack.enter_context(open(self.source, "rb"))
+            total = os.fstat(src.fileno()).st_size if self.source != "-" else None
+            show = args.progress if args.progress is not None else sys.stderr.isatty() and not args.quiet
+            progress = _Progress(self.name, total, bool(show), self.compressing)
+            stack.callback(progress.done)
+            if self.target is None:
+                sink = _NullSink() if args.test else sys.stdout.buffer
+                work(src, sink, None, progress)
+                sink.flush()
+                return
+            out = _PartFile(Path(self.target), args.force, args.resume)
+            try:
+                work(src, out.file, out, progress)
+            except DamagedArchiveError:
+                out.commit()  # --keep-going: everything that verified is written, the rest reported
+                raise
+            except BaseException:
+                out.discard()
+                raise
             out.commit()
-        except BaseException:
-            out.discard()
-            raise
+        if args.rm:
+            if self.compressing:
+                _check_archive_file(self.target)
+            os.unlink(self.source)
+
+
+class _NullSink:
+    """Where ``-t`` writes."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _check_archive_file(path: str) -> None:
+    """Re-read a written archive's structure (every header, CRC and the index) before the source goes."""
+    from llmpipe.format.container import MAX_WINDOW, ContainerReader
+
+    with open(path, "rb") as archive:
+        reader = ContainerReader(archive, path)
+        first = True
+        while reader.read_stream_header(first) is not None:
+            first = False
+            while reader.read_block(MAX_WINDOW, 4096) is not None:
+                pass
 
 
 def _target_for(source: str, args: argparse.Namespace) -> str | None:
@@ -161,6 +278,64 @@ def _target_for(source: str, args: argparse.Namespace) -> str | None:
     return source + SUFFIX
 
 
+def _list(files: list[str], args: argparse.Namespace) -> int:
+    from llmpipe.listing import describe, format_table
+
+    infos = []
+    for path in files:
+        if path == "-":
+            raise UsageError("-l needs archive files (it reads the index at the end)")
+        if not Path(path).is_file():
+            raise LlmpipeError(f"{path}: no such file")
+        with open(path, "rb") as source:
+            try:
+                infos.append(describe(source, path, blocks=args.verbose))
+            except LlmpipeError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
+    if args.json:
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=1))
+    else:
+        print(format_table(infos, args.verbose))
+    return 0
+
+
+def _compress_work(args: argparse.Namespace):
+    from llmpipe.compressor import Compressor
+
+    compressor = Compressor(
+        args.model, chunk_size=args.chunk_size, batch=args.batch, threads=args.threads, numerics=args.numerics
+    )
+
+    def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:
+        resume = compressor.resume(dst, str(out.part), src) if out and out.resumed else None
+        return compressor.compress_stream(src, dst, progress, resume)
+
+    return work
+
+
+def _decompress_work(args: argparse.Namespace):
+    from llmpipe.decompressor import Decompressor
+
+    worker = Decompressor(args.model, force=args.force, threads=args.threads, batch=args.batch)
+
+    def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:
+        name = getattr(src, "name", "<stdin>")
+        name = name if isinstance(name, str) else "<stdin>"
+        seekable = src.seekable()
+        if out and out.resumed or args.range or args.keep_going and seekable:
+            if not seekable:
+                raise UsageError("--range and --resume need an archive file, not a pipe")
+            start, end = args.range or (0, None)
+            if out and out.resumed:
+                start = max(start, worker.verified_prefix(src, name, dst))
+                dst.seek(start)
+                dst.truncate()
+            return worker.decompress_range(src, dst, name, start, end, keep_going=args.keep_going, progress=progress)
+        return worker.decompress_stream(src, dst, name, keep_going=args.keep_going, progress=progress)
+
+    return work
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -170,32 +345,24 @@ def main(argv: list[str] | None = None) -> int:
             return _fetch()
         args = _parser().parse_args(argv)
         files = args.files or ["-"]
+        if args.list:
+            return _list(files, args)
         if args.output and len(files) > 1:
             raise UsageError("-o takes one input file")
-        if args.decompress:
-            from llmpipe.decompressor import Decompressor
-
-            worker = Decompressor(args.model, force=args.force, threads=args.threads, batch=args.batch)
-
-            def process(src: BinaryIO, dst: BinaryIO, name: str) -> object:
-                return _report(args, name, worker.decompress_stream(src, dst, name))
-        else:
-            from llmpipe.compressor import Compressor
-
-            compressor = Compressor(
-                args.model,
-                chunk_size=args.chunk_size,
-                batch=args.batch,
-                threads=args.threads,
-                numerics=args.numerics,
-            )
-
-            def process(src: BinaryIO, dst: BinaryIO, name: str) -> object:
-                return _report(args, name, compressor.compress_stream(src, dst))
-
-        for source in files:
-            _run_one(process, source, _target_for(source, args), args)
-        return 0
+        if (args.range or args.keep_going) and not args.decompress:
+            raise UsageError("--range and --keep-going go with -d")
+        if args.range and args.resume:
+            raise UsageError("--range and --resume do not go together")
+        jobs = [_Job(args, source) for source in files]  # check every file before any model work
+        work = _compress_work(args) if jobs[0].compressing else _decompress_work(args)
+        status = 0
+        for job in jobs:  # like zstd: an error in one file is reported and the others still run
+            try:
+                job.run(lambda s, d, o, p, job=job: _report(args, job.name, work(s, d, o, p)))
+            except LlmpipeError as exc:
+                print(f"llmpipe: {exc}", file=sys.stderr)
+                status = max(status, exc.exit_code)
+        return status
     except LlmpipeError as exc:
         print(f"llmpipe: {exc}", file=sys.stderr)
         return exc.exit_code

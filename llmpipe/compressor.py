@@ -11,8 +11,9 @@ losing chunks are simply dropped.
 
 from __future__ import annotations
 
+import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -21,9 +22,10 @@ import zstandard
 from llmpipe import __version__
 from llmpipe.codec import LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
+from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
 from llmpipe.engine import create_engine
 from llmpipe.engine.memory import check_kv_budget
-from llmpipe.errors import LlmpipeError, UsageError
+from llmpipe.errors import ArchiveError, LlmpipeError, UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
@@ -31,17 +33,15 @@ from llmpipe.format.container import (
     MAX_WINDOW,
     Block,
     BlockKind,
+    ContainerReader,
+    GroupTracker,
+    StreamWriter,
     crc32,
-    end_record_bytes,
-    stream_header_bytes,
 )
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
-DEFAULT_CHUNK_SIZE = 2048
-DEFAULT_BATCH = 64
-DEFAULT_THREADS = 2
 MIN_BYTES_PER_SYMBOL = 1.5
 """Chunks that tokenise worse than this (binary data) skip the model: zstd wins there and it saves hours."""
 ZSTD_LEVEL = 19
@@ -60,6 +60,7 @@ class Stats:
     ideal_bits: float = 0.0
     seconds: float = 0.0
     model_load_seconds: float = 0.0
+    damaged: list[str] = field(default_factory=list)  # blocks left out by a decoder told to keep going
 
     @property
     def bits_per_byte(self) -> float:
@@ -83,25 +84,6 @@ def utf8_safe_split(buffer: bytes) -> int:
                 return len(buffer) - back
         break
     return len(buffer)
-
-
-def iter_windows(source: BinaryIO, window_size: int) -> Iterator[bytes]:
-    """Pieces of at most ``window_size`` bytes that never end inside a UTF-8 character."""
-    carry = b""
-    while True:
-        buffer = carry
-        while len(buffer) < window_size:
-            more = source.read(window_size - len(buffer))
-            if not more:
-                break
-            buffer += more
-        if len(buffer) < window_size:  # end of input
-            if buffer:
-                yield buffer
-            return
-        cut = utf8_safe_split(buffer)
-        carry = buffer[cut:]
-        yield buffer[:cut]
 
 
 def split_rows(symbols: list[int], spellings: list[bytes], rows: int) -> list[list[int]]:
@@ -170,29 +152,73 @@ class Compressor:
             "steering": None,
         }
 
+    def writer(
+        self, sink: BinaryIO, progress: Callable[[Stats], None] | None = None, resume: StreamWriter | None = None
+    ) -> CompressionWriter:
+        """An incremental compressor writing one stream to ``sink``; ``resume`` continues a partial stream."""
+        return CompressionWriter(self, sink, progress, resume)
+
     def compress_stream(
-        self, source: BinaryIO, sink: BinaryIO, progress: Callable[[Stats], None] | None = None
+        self,
+        source: BinaryIO,
+        sink: BinaryIO,
+        progress: Callable[[Stats], None] | None = None,
+        resume: StreamWriter | None = None,
     ) -> Stats:
         """Compress all of ``source`` into one llmpipe stream written to ``sink``."""
-        stats = Stats(model_load_seconds=self.model.load_seconds)
-        started = time.perf_counter()
-        head = stream_header_bytes(self.header())
-        sink.write(head)
-        stats.output_bytes += len(head)
-        count = 0
-        for window in iter_windows(source, self.chunk_size * self.batch):
-            count += self._write_window(window, sink, stats)
-            stats.seconds = time.perf_counter() - started
-            if progress:
-                progress(stats)
-        tail = end_record_bytes(count, stats.input_bytes)
-        sink.write(tail)
-        stats.output_bytes += len(tail)
-        stats.seconds = time.perf_counter() - started
-        return stats
+        writer = self.writer(sink, progress, resume)
+        while data := source.read(self.window_size):
+            writer.write(data)
+        return writer.close()
 
-    def _write_window(self, window: bytes, sink: BinaryIO, stats: Stats) -> int:
-        """Code one window as up to ``batch`` rows (chunks); returns the number of blocks written."""
+    def resume(self, partial: BinaryIO, name: str, source: BinaryIO) -> StreamWriter:
+        """Continue an interrupted compression: keep the complete groups of ``partial`` (opened ``r+b``).
+
+        Every kept block's checksum is compared with the input's bytes at its
+        place (the input must be the same seekable file), the partial archive
+        is cut after the last complete group, and ``source`` is positioned at
+        the first byte not yet coded. Returns the writer to continue with.
+        """
+        reader = ContainerReader(partial, name)
+        try:
+            header = reader.read_stream_header(first=True)
+        except ArchiveError as exc:
+            raise UsageError(f"{name}: cannot resume from it ({exc})") from None
+        mine = self.header()
+        differ = sorted(k for k in set(mine) | set(header or {}) if k != "llmpipe" and mine.get(k) != header.get(k))
+        if differ:
+            raise UsageError(f"{name}: made with other settings ({', '.join(differ)}); cannot resume it")
+        tracker = GroupTracker(self.batch)
+        kept = StreamWriter(partial, reader.header_size, size=reader.offset)
+        clean_offset = reader.offset
+        while True:
+            try:
+                block = reader.read_block(self.window_size, self.batch)
+                if block is None:
+                    break
+                tracker.add(block, reader.blocks)
+            except ArchiveError:
+                break  # the interrupted write: everything before it is kept
+            source.seek(reader.total - block.original_size)
+            if crc32(source.read(block.original_size)) != block.checksum:
+                start = reader.total - block.original_size
+                raise UsageError(f"{name}: the input differs from what it holds at byte {start}; cannot resume it")
+            if not tracker.open:
+                kept.block_count, kept.total_size = reader.blocks, reader.total
+                kept.entries = bytearray(reader.entries)
+                clean_offset = kept.size = reader.offset
+        partial.seek(clean_offset)
+        partial.truncate()
+        source.seek(kept.total_size)
+        return kept
+
+    @property
+    def window_size(self) -> int:
+        """Bytes coded together: ``batch`` chunks."""
+        return self.chunk_size * self.batch
+
+    def code_window(self, window: bytes, stats: Stats) -> list[Block]:
+        """Code one window as up to ``batch`` rows (chunks): its blocks, in order."""
         tokenizer = self.model.tokenizer
         rows = -(-len(window) // self.chunk_size)
         symbols = split_rows(tokenizer.encode(window), tokenizer.spellings, rows)
@@ -239,13 +265,7 @@ class Compressor:
             stats.ideal_bits += ideal[i]
         if plain_run:
             blocks.append(self._plain_block(b"".join(plain_run)))
-        for block in blocks:
-            data = block.to_bytes()
-            sink.write(data)
-            stats.output_bytes += len(data)
-            stats.input_bytes += block.original_size
-            stats.blocks[block.kind.name.lower()] += 1
-        return len(blocks)
+        return blocks
 
     def _plain_block(self, data: bytes) -> Block:
         """The smaller of a zstd and a raw block for ``data``."""
@@ -256,8 +276,74 @@ class Compressor:
 
     def compress(self, data: bytes) -> bytes:
         """Compress a bytes object in memory."""
-        import io
-
         sink = io.BytesIO()
         self.compress_stream(io.BytesIO(data), sink)
         return sink.getvalue()
+
+
+class CompressionWriter:
+    """Takes the input piece by piece and writes the stream as whole windows fill.
+
+    Each window is coded when ``batch x chunk_size`` bytes are in (cut before
+    an unfinished UTF-8 character), written and flushed at once, so an
+    interrupted run leaves complete blocks behind for ``--resume``.
+    """
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        sink: BinaryIO,
+        progress: Callable[[Stats], None] | None = None,
+        resume: StreamWriter | None = None,
+    ) -> None:
+        self._compressor = compressor
+        self._progress = progress
+        self._buffer = bytearray()
+        self._started = time.perf_counter()
+        self.stats = Stats(model_load_seconds=compressor.model.load_seconds)
+        if resume is None:
+            self._stream = StreamWriter(sink)
+            self.stats.output_bytes += self._stream.write_header(compressor.header())
+        else:
+            self._stream = resume
+            self.stats.output_bytes = resume.size
+            self.stats.input_bytes = resume.total_size
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        if self.closed:
+            raise ValueError("write to a closed CompressionWriter")
+        self._buffer += data
+        window = self._compressor.window_size
+        while len(self._buffer) >= window:
+            cut = utf8_safe_split(bytes(self._buffer[:window]))
+            self._code(bytes(self._buffer[:cut]))
+            del self._buffer[:cut]
+        return len(data)
+
+    def close(self) -> Stats:
+        """Code what is left, write the index and footer; returns the statistics."""
+        if not self.closed:
+            if self._buffer:
+                self._code(bytes(self._buffer))
+                self._buffer.clear()
+            self.stats.output_bytes += self._stream.finish()
+            self._flush_sink()
+            self.closed = True
+            self.stats.seconds = time.perf_counter() - self._started
+        return self.stats
+
+    def _code(self, window: bytes) -> None:
+        for block in self._compressor.code_window(window, self.stats):
+            self.stats.output_bytes += self._stream.write_block(block)
+            self.stats.input_bytes += block.original_size
+            self.stats.blocks[block.kind.name.lower()] += 1
+        self._flush_sink()
+        self.stats.seconds = time.perf_counter() - self._started
+        if self._progress:
+            self._progress(self.stats)
+
+    def _flush_sink(self) -> None:
+        flush = getattr(self._stream.sink, "flush", None)
+        if flush:
+            flush()

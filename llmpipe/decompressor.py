@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,20 +24,24 @@ from typing import BinaryIO
 import zstandard
 
 from llmpipe.codec import LlmCoder
-from llmpipe.compressor import DEFAULT_BATCH, DEFAULT_THREADS, Stats
+from llmpipe.compressor import Stats
+from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_THREADS
 from llmpipe.engine import create_engine
 from llmpipe.engine.exact_llama import NUMERICS_VERSION
 from llmpipe.engine.float_engine import numeric_fingerprint
-from llmpipe.errors import ArchiveError, ChecksumError, ModelError, ModelMismatchError
+from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, ModelError, ModelMismatchError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
     MAX_ROWS,
     MAX_WINDOW,
     Block,
+    BlockEntry,
     BlockKind,
     ContainerReader,
+    GroupTracker,
     crc32,
+    read_archive_index,
 )
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
@@ -45,8 +50,9 @@ from llmpipe.models.cache import LoadedModel
 @dataclass
 class _Pending:
     number: int  # 1-based block number within its stream
-    offset: int  # original byte offset of the block
+    offset: int  # original byte offset of the block (within the whole archive)
     block: Block
+    clip: tuple[int, int] | None  # original bytes of the block to write (absolute offsets); None: decode only
 
 
 def _header_field(header: dict, path: str, kind: type):
@@ -140,70 +146,145 @@ class Decompressor:
             self._coder_key = key
         return self._coder
 
-    def decompress_stream(self, source: BinaryIO, sink: BinaryIO, name: str = "<stdin>") -> Stats:
-        """Decode every stream in ``source`` (concatenated archives) into ``sink``."""
+    def decompress_stream(
+        self,
+        source: BinaryIO,
+        sink: BinaryIO,
+        name: str = "<stdin>",
+        *,
+        keep_going: bool = False,
+        progress: Callable[[Stats], None] | None = None,
+    ) -> Stats:
+        """Decode every stream in ``source`` (concatenated archives) front to back into ``sink``.
+
+        With ``keep_going`` a block that fails its checksum is left out and
+        decoding goes on; a :class:`DamagedArchiveError` at the end lists them.
+        """
         stats = Stats()
         started = time.perf_counter()
-        reader = ContainerReader(source, name)
-        first = True
-        while (header := reader.read_stream_header(first)) is not None:
-            first = False
-            self._decode_one_stream(reader, header, sink, stats)
-        stats.output_bytes = reader.offset
+        for data in self.iter_decompressed(source, name, stats, keep_going=keep_going):
+            sink.write(data)
+            stats.seconds = time.perf_counter() - started
+            if progress:
+                progress(stats)
         stats.seconds = time.perf_counter() - started
+        _raise_if_damaged(stats)
         return stats
 
-    def _decode_one_stream(self, reader: ContainerReader, header: dict, sink: BinaryIO, stats: Stats) -> None:
-        chunk_size = _header_field(header, "chunk_size", int)
-        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
-            raise ArchiveError(f"corrupt header: chunk size {chunk_size}")
-        _header_field(header, "model", dict)
-        batch = _header_field(header, "batch", int)
-        if not 1 <= batch <= MAX_ROWS:
-            raise ArchiveError(f"corrupt header: batch {batch} out of range")
-        max_size = min(batch * chunk_size, MAX_WINDOW)
-        # float groups must be decoded exactly as they were coded; exact ones are merged up to our own batch
-        merge_rows = self._batch if _header_field(header, "numerics.engine", str) == "exact" else 0
-        pending: list[_Pending] = []  # blocks held until their group is complete (and merged)
-        rows_missing = 0  # LLM blocks the open group still needs
-        group_blocks = 0  # blocks since the open group started
-        number = 0
-        offset = 0
-        while True:
-            record = reader.read_block(max_size, batch)
-            if not isinstance(record, Block):
-                if rows_missing:
-                    raise ArchiveError(f"corrupt archive: stream ends inside a group ({rows_missing} blocks missing)")
-                self._flush(pending, header, sink, stats)
-                count, total = record
-                if count != number or total != offset:
-                    raise ArchiveError(
-                        f"corrupt end record: says {count} blocks / {total} bytes, found {number} / {offset}"
-                    )
-                return
-            number += 1
-            if record.kind == BlockKind.LLM:
-                if record.flags & FLAG_GROUP_START:
-                    if rows_missing:
-                        raise ArchiveError(f"corrupt archive: block {number} starts a group inside another")
-                    rows_missing = record.group_rows
-                    group_blocks = 0
-                elif not rows_missing:
-                    raise ArchiveError(f"corrupt archive: block {number} continues a group that never started")
-                rows_missing -= 1
-            pending.append(_Pending(number, offset, record))
-            offset += record.original_size
-            group_blocks += 1
-            if rows_missing and group_blocks > 2 * batch + 1:  # rows interleave with at most one plain block each
-                raise ArchiveError(f"corrupt archive: group at block {number - group_blocks + 1} never completes")
-            if not rows_missing:
-                rows = sum(p.block.kind == BlockKind.LLM for p in pending)
-                # flush a full batch, plain blocks at once, and never hold more than a batch's worth of blocks
-                if rows == 0 or rows >= merge_rows or len(pending) >= 2 * merge_rows + 1:
-                    self._flush(pending, header, sink, stats)
+    def iter_decompressed(
+        self, source: BinaryIO, name: str = "<stdin>", stats: Stats | None = None, *, keep_going: bool = False
+    ) -> Iterator[bytes]:
+        """The verified contents of ``source``, block by block, reading it front to back once."""
+        stats = stats if stats is not None else Stats()
+        reader = ContainerReader(source, name)
+        first = True
+        base = 0  # original offset where the current stream starts
+        while (header := reader.read_stream_header(first)) is not None:
+            first = False
+            limits = _StreamLimits.of(header, self._batch)
+            tracker = GroupTracker(limits.batch)
+            pending: list[_Pending] = []  # blocks held until their group is complete (and merged)
+            while True:
+                try:
+                    block = reader.read_block(limits.max_size, limits.batch)
+                    if block is not None:
+                        tracker.add(block, reader.blocks)
+                except ArchiveError:
+                    if limits.merge_rows:  # exact blocks decode alone: keep every complete one
+                        yield from self._decode(pending, header, stats, keep_going)
+                    raise
+                finally:
+                    stats.output_bytes = reader.offset
+                if block is None:
+                    yield from self._decode(pending, header, stats, keep_going)
+                    break
+                offset = base + reader.total - block.original_size
+                pending.append(_Pending(reader.blocks, offset, block, (offset, offset + block.original_size)))
+                if not tracker.open and limits.flush_now(pending):
+                    yield from self._decode(pending, header, stats, keep_going)
                     pending = []
+            base += reader.total
 
-    def _flush(self, pending: list[_Pending], header: dict, sink: BinaryIO, stats: Stats) -> None:
+    def decompress_range(
+        self,
+        source: BinaryIO,
+        sink: BinaryIO,
+        name: str,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        keep_going: bool = False,
+        progress: Callable[[Stats], None] | None = None,
+    ) -> Stats:
+        """Decode bytes ``start:end`` of a seekable archive's content, reading only the blocks that cover them.
+
+        The index locates the blocks; float groups are decoded whole (their
+        numbers depend on the batch) but only the wanted bytes are written.
+        With ``keep_going`` a damaged block (header or contents) is left out.
+        """
+        stats = Stats()
+        started = time.perf_counter()
+        streams = read_archive_index(source, name)
+        end = sum(s.original_size for s in streams) if end is None else end
+        for stream in streams:
+            limits = _StreamLimits.of(stream.header, self._batch)
+            needed = _blocks_to_read(stream.blocks, start, end, float_groups=not limits.merge_rows)
+            pending: list[_Pending] = []
+            for entry, wanted in needed:
+                if pending and limits.flush_before(entry, pending):
+                    self._write(self._decode(pending, stream.header, stats, keep_going), sink, stats, progress)
+                    pending = []
+                source.seek(entry.offset)
+                reader = ContainerReader(source, name, entry.offset)
+                try:
+                    block = reader.read_block(limits.max_size, limits.batch)
+                    if block is None or reader.offset - entry.offset != entry.stored_size:
+                        raise ArchiveError("the index does not point at a block of its size")
+                except ArchiveError as exc:
+                    where = _where(entry.number, entry.original_offset, entry.original_size)
+                    if not keep_going:
+                        raise ArchiveError(f"{where}: {exc}") from None
+                    stats.damaged.append(where)
+                    continue
+                stats.output_bytes += entry.stored_size
+                clip = (max(start, entry.original_offset), min(end, entry.original_offset + entry.original_size))
+                pending.append(_Pending(entry.number, entry.original_offset, block, clip if wanted else None))
+            self._write(self._decode(pending, stream.header, stats, keep_going), sink, stats, progress)
+        stats.seconds = time.perf_counter() - started
+        _raise_if_damaged(stats)
+        return stats
+
+    def verified_prefix(self, source: BinaryIO, name: str, existing: BinaryIO) -> int:
+        """How many leading bytes of ``existing`` (an interrupted output) match whole blocks of the archive.
+
+        Reads the index and each covered block's header, and compares the
+        block checksums with the bytes already there; no model work.
+        """
+        have = existing.seek(0, io.SEEK_END)
+        prefix = 0
+        for stream in read_archive_index(source, name):
+            limits = _StreamLimits.of(stream.header, self._batch)
+            for entry in stream.blocks:
+                if entry.original_offset + entry.original_size > have:
+                    return prefix
+                source.seek(entry.offset)
+                block = ContainerReader(source, name, entry.offset).read_block(limits.max_size, limits.batch)
+                existing.seek(entry.original_offset)
+                if block is None or crc32(existing.read(entry.original_size)) != block.checksum:
+                    return prefix
+                prefix = entry.original_offset + entry.original_size
+        return prefix
+
+    def _write(
+        self, pieces: Iterator[bytes], sink: BinaryIO, stats: Stats, progress: Callable[[Stats], None] | None
+    ) -> None:
+        for data in pieces:
+            sink.write(data)
+        if progress:
+            progress(stats)
+
+    def _decode(self, pending: list[_Pending], header: dict, stats: Stats, keep_going: bool) -> Iterator[bytes]:
+        """Decode held blocks (LLM ones as one batch) and yield each wanted block's verified bytes in order."""
         llm = [p for p in pending if p.block.kind == BlockKind.LLM]
         decoded: dict[int, bytes] = {}
         if llm:
@@ -218,6 +299,8 @@ class Decompressor:
                 except ValueError:
                     decoded[item.number] = b""  # reported as a checksum mismatch below
         for item in pending:
+            if item.clip is None:
+                continue  # decoded only because its float group had to be
             block = item.block
             if block.kind == BlockKind.LLM:
                 data = decoded[item.number]
@@ -226,17 +309,85 @@ class Decompressor:
             else:
                 data = block.payload
             if len(data) != block.original_size or crc32(data) != block.checksum:
-                end = item.offset + block.original_size - 1
-                raise ChecksumError(f"block {item.number} (bytes {item.offset}-{end}): checksum mismatch")
-            sink.write(data)
-            stats.input_bytes += len(data)
+                where = _where(item.number, item.offset, block.original_size)
+                if not keep_going:
+                    raise ChecksumError(f"{where}: checksum mismatch")
+                stats.damaged.append(where)
+                continue
+            stats.input_bytes += block.original_size
             stats.blocks[block.kind.name.lower()] += 1
+            lo, hi = item.clip
+            yield data[lo - item.offset : hi - item.offset]
 
     def decompress(self, data: bytes) -> bytes:
         """Decompress a bytes object in memory."""
         sink = io.BytesIO()
         self.decompress_stream(io.BytesIO(data), sink)
         return sink.getvalue()
+
+
+@dataclass
+class _StreamLimits:
+    """What a stream header allows, checked before any block is read."""
+
+    max_size: int  # largest block
+    batch: int  # largest group
+    merge_rows: int  # rows decoded together for exact numerics; 0 for float (decode the coded groups)
+
+    @classmethod
+    def of(cls, header: dict, decoder_batch: int) -> _StreamLimits:
+        chunk_size = _header_field(header, "chunk_size", int)
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ArchiveError(f"corrupt header: chunk size {chunk_size}")
+        _header_field(header, "model", dict)
+        batch = _header_field(header, "batch", int)
+        if not 1 <= batch <= MAX_ROWS:
+            raise ArchiveError(f"corrupt header: batch {batch} out of range")
+        exact = _header_field(header, "numerics.engine", str) == "exact"
+        return cls(min(batch * chunk_size, MAX_WINDOW), batch, decoder_batch if exact else 0)
+
+    def flush_now(self, pending: list[_Pending]) -> bool:
+        """Front to back, after a group closed: flush a full batch, plain blocks at once, and never hold
+        more than a batch's worth of blocks."""
+        rows = sum(p.block.kind == BlockKind.LLM for p in pending)
+        return rows == 0 or rows >= self.merge_rows or len(pending) >= 2 * self.merge_rows + 1
+
+    def flush_before(self, entry: BlockEntry, pending: list[_Pending]) -> bool:
+        """Through the index: float groups end where the next one starts; exact rows merge up to a batch."""
+        if entry.kind != BlockKind.LLM:
+            return False
+        if not self.merge_rows:
+            return bool(entry.flags & FLAG_GROUP_START)
+        return sum(p.block.kind == BlockKind.LLM for p in pending) >= self.merge_rows
+
+
+def _blocks_to_read(
+    blocks: list[BlockEntry], start: int, end: int, float_groups: bool
+) -> list[tuple[BlockEntry, bool]]:
+    """The blocks overlapping ``start:end`` as ``(entry, wanted)``; float groups of wanted blocks come whole."""
+
+    def overlaps(b: BlockEntry) -> bool:
+        return b.original_offset < end and b.original_offset + b.original_size > start
+
+    groups: list[int] = []  # the group number of each block (LLM blocks only)
+    group = -1
+    for b in blocks:
+        if b.kind == BlockKind.LLM and b.flags & FLAG_GROUP_START:
+            group += 1
+        groups.append(group if b.kind == BlockKind.LLM else -1)
+    pairs = list(zip(blocks, groups, strict=True))
+    needed_groups = {g for b, g in pairs if g >= 0 and overlaps(b)} if float_groups else set()
+    return [(b, overlaps(b)) for b, g in pairs if overlaps(b) or g in needed_groups]
+
+
+def _where(number: int, offset: int, size: int) -> str:
+    return f"block {number} (bytes {offset}-{offset + size - 1})"
+
+
+def _raise_if_damaged(stats: Stats) -> None:
+    if stats.damaged:
+        shown = ", ".join(stats.damaged[:5]) + (", ..." if len(stats.damaged) > 5 else "")
+        raise DamagedArchiveError(f"{len(stats.damaged)} damaged block(s) left out: {shown}")
 
 
 def _unzstd(block: Block) -> bytes:

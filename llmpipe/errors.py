@@ -24,6 +24,10 @@ class ChecksumError(ArchiveError):
     """A block decoded, but not to the bytes that were compressed."""
 
 
+class DamagedArchiveError(ArchiveError):
+    """Some blocks were damaged and left out (``--keep-going``); everything else was written."""
+
+
 class ModelError(LlmpipeError):
     """The model cannot be found, loaded or used."""
 

@@ -21,7 +21,7 @@ import zstandard
 
 from llmpipe.decompressor import Decompressor
 from llmpipe.errors import LlmpipeError
-from llmpipe.format.container import MAGIC
+from llmpipe.format.container import FOOTER_SIZE, MAGIC, encode_varint, index_and_footer_bytes
 
 
 @dataclass
@@ -37,10 +37,36 @@ def split_header(archive: bytes) -> tuple[dict, bytes]:
 
 
 def with_header(archive: bytes, header: dict) -> bytes:
-    """The same archive with its header replaced (a valid CRC, so only the contents are wrong)."""
-    _, rest = split_header(archive)
+    """The same one-stream archive with its header replaced (valid CRCs and index: only the contents are wrong)."""
+    before_index, _, count, total, entries = split_index(archive)
+    _, blocks = split_header(before_index)
     body = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
-    return archive[:8] + struct.pack("<II", len(body), zlib.crc32(body)) + body + rest
+    head = archive[:8] + struct.pack("<II", len(body), zlib.crc32(body)) + body
+    return head + blocks + index_and_footer_bytes(len(head), count, total, entries)
+
+
+def split_index(archive: bytes) -> tuple[bytes, int, int, int, bytes]:
+    """A one-stream archive as (everything before the index, header size, block count, total, entries)."""
+    (index_size,) = struct.unpack("<Q", archive[-12:-4])
+    start = len(archive) - FOOTER_SIZE - index_size
+    index = archive[start : start + index_size - 4]
+    fields, pos = [], 2
+    for _ in range(3):
+        value = shift = 0
+        while True:
+            byte = index[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        fields.append(value)
+    return archive[:start], fields[0], fields[1], fields[2], index[pos:]
+
+
+def with_index(archive: bytes, header_size: int, count: int, total: int, entries: bytes) -> bytes:
+    """The same blocks with another (well-formed, correctly checksummed) index."""
+    return split_index(archive)[0] + index_and_footer_bytes(header_size, count, total, entries)
 
 
 def cases(archive: bytes, other_model_archive: bytes) -> Iterator[Case]:
@@ -58,6 +84,18 @@ def cases(archive: bytes, other_model_archive: bytes) -> Iterator[Case]:
     yield Case("trailing garbage", archive + b"garbage")
     yield Case("trailing partial magic", archive + MAGIC[:3])
     yield Case("another model's archive", other_model_archive)
+    yield Case("missing footer", archive[:-FOOTER_SIZE])
+    yield Case("missing index and footer", split_index(archive)[0])
+    _, header_size, count, total, entries = split_index(archive)
+    yield Case("index lists a block too few", with_index(archive, header_size, count - 1, total, entries[:-3]))
+    yield Case("index says another total", with_index(archive, header_size, count, total + 1, entries))
+    yield Case("index says another header size", with_index(archive, header_size + 1, count, total, entries))
+    yield Case("index block count 2^62", with_index(archive, header_size, 1 << 62, total, entries))
+    yield Case("index entry changed", with_index(archive, header_size, count, total, entries[:-1] + b"\x05"))
+    blocks = archive[header_size : len(split_index(archive)[0])]
+    huge = bytes([3, 1]) + encode_varint(1 << 40) + blocks[2:]
+    yield Case("block size 2^40", archive[:header_size] + huge)
+    yield Case("token count beyond the block", archive[:header_size] + blocks[:2] + b"\x7f\x01\x7f\x01" + blocks[6:])
     header, _ = split_header(archive)
     for path, value in [
         ("batch", 0),
@@ -82,21 +120,29 @@ def cases(archive: bytes, other_model_archive: bytes) -> Iterator[Case]:
 
 
 def check(decompressor: Decompressor, original: bytes, case: Case) -> str | None:
-    """None if the decoder behaved, else what went wrong."""
-    sink = io.BytesIO()
-    try:
-        decompressor.decompress_stream(io.BytesIO(case.data), sink)
-    except LlmpipeError as exc:
-        message = str(exc)
-        if not message or "\n" in message:
-            return f"{case.name}: message is not one line: {message!r}"
-        if not original.startswith(sink.getvalue()):
-            return f"{case.name}: wrote bytes that are not a prefix of the original"
-        return None
-    except Exception as exc:  # noqa: BLE001 - any other exception is the bug being looked for
-        return f"{case.name}: {type(exc).__name__}: {exc}"
-    if sink.getvalue() != original:
-        return f"{case.name}: decoded without error to different bytes"
+    """None if the decoder behaved, else what went wrong.
+
+    Each case goes through both decoders: front to back (pipes) and
+    through the index (``--range``, ``--resume``, ``--keep-going``).
+    """
+    for path in ("front to back", "through the index"):
+        sink = io.BytesIO()
+        try:
+            if path == "front to back":
+                decompressor.decompress_stream(io.BytesIO(case.data), sink)
+            else:
+                decompressor.decompress_range(io.BytesIO(case.data), sink, "case")
+        except LlmpipeError as exc:
+            message = str(exc)
+            if not message or "\n" in message:
+                return f"{case.name} ({path}): message is not one line: {message!r}"
+            if not original.startswith(sink.getvalue()):
+                return f"{case.name} ({path}): wrote bytes that are not a prefix of the original"
+            continue
+        except Exception as exc:  # noqa: BLE001 - any other exception is the bug being looked for
+            return f"{case.name} ({path}): {type(exc).__name__}: {exc}"
+        if sink.getvalue() != original:
+            return f"{case.name} ({path}): decoded without error to different bytes"
     return None  # a flip that changes nothing that matters (none expected, but harmless)
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from llmpipe.compressor import Compressor, split_rows, utf8_safe_split
 from llmpipe.decompressor import Decompressor
 from llmpipe.errors import ArchiveError, ChecksumError, ModelMismatchError
+from tests.bad_archives import split_index
 from tests.tiny_model import DATA
 
 TEXT = (DATA / "alice_chapter1.txt").read_bytes()
@@ -69,7 +70,7 @@ def test_concatenated_archives_decode_to_concatenation(compressor, decompressor)
 
 def test_damaged_llm_payload_is_a_checksum_error(compressor, decompressor):
     archive = bytearray(compressor.compress(TEXT[:CHUNK]))
-    archive[-12] ^= 0x10  # inside the last block's payload, before the end record
+    archive[len(split_index(bytes(archive))[0]) - 3] ^= 0x10  # inside the last block's payload
     with pytest.raises(ChecksumError, match=r"block 1 \(bytes 0-255\): checksum mismatch"):
         decompressor.decompress(bytes(archive))
 
@@ -175,13 +176,13 @@ def test_decoder_holds_a_bounded_number_of_blocks(tiny_model, monkeypatch):
     data = TEXT[:256] + random.Random(3).randbytes(256 * 40)  # one text row, then 40 rows zstd/raw cannot beat
     archive = Compressor(tiny_model, chunk_size=CHUNK, batch=1, threads=1).compress(data)
     held: list[int] = []
-    original = Decompressor._flush
+    original = Decompressor._decode
 
     def counting(self, pending, *args):
         held.append(len(pending))
         return original(self, pending, *args)
 
-    monkeypatch.setattr(Decompressor, "_flush", counting)
+    monkeypatch.setattr(Decompressor, "_decode", counting)
     assert Decompressor(tiny_model, batch=8).decompress(archive) == data
     assert len(held) > 5 and max(held) <= 2 * 8 + 1
 

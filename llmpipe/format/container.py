@@ -1,6 +1,10 @@
-"""Reading and writing the llmpipe container, version 1. ``FORMAT.md`` is the spec.
+"""Reading and writing the llmpipe container, version 2. ``FORMAT.md`` is the spec.
 
-A stream is ``magic | version | flags | header | block* | end record``.
+A stream is ``stream header | block* | index | footer``. The index lists
+every block's stored size, original size and token count; the fixed-size
+footer at the very end points back to it, so a seekable file can be listed,
+sliced (``--range``) and resumed without reading its blocks, while a pipe
+decodes front to back and checks the index against the blocks it saw.
 Every length read from the input is checked against a limit before it is
 used, so a damaged or hostile archive costs neither memory nor model time.
 Concatenated streams form a valid archive.
@@ -9,9 +13,10 @@ Concatenated streams form a valid archive.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import BinaryIO
 
@@ -20,22 +25,26 @@ import zstandard
 from llmpipe.errors import ArchiveError
 
 MAGIC = b"\xfaLLMP\x00"  # 0xFA is never valid UTF-8
-VERSION = 1
+FOOTER_MAGIC = b"PMLL"  # the stream magic's letters backwards, as the last bytes of every stream
+VERSION = 2
 MAX_HEADER_BYTES = 16 << 20  # compressed and decompressed header size limit
 MAX_CHUNK_SIZE = 16 << 20  # largest chunk size a header may declare
 MAX_WINDOW = 256 << 20  # largest window (batch x chunk size), and so the largest block
 MAX_ROWS = 4096  # largest lockstep group
+MAX_INDEX_BYTES = 1 << 30  # largest index a reader loads (about 100 million blocks)
+FOOTER_SIZE = 16
 _VARINT_MAX_BYTES = 9
+_STREAM_HEADER_FIXED = len(MAGIC) + 2 + 8
 
 
 class BlockKind(IntEnum):
-    END = 0
+    INDEX = 0  # not a block: the index that ends a stream
     RAW = 1
     ZSTD = 2
     LLM = 3
 
 
-FLAG_GROUP_START = 0x01  # LLM block that starts a lockstep group (float engine)
+FLAG_GROUP_START = 0x01  # LLM block that starts a lockstep group
 
 
 def crc32(data: bytes) -> int:
@@ -55,6 +64,22 @@ def encode_varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def _decode_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    """The varint at ``data[pos:]`` and the position after it (for records already in memory)."""
+    value = 0
+    for i in range(_VARINT_MAX_BYTES):
+        if pos >= len(data):
+            raise ArchiveError(f"corrupt {what}: ends inside a number")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if byte == 0 and i > 0:
+                raise ArchiveError(f"corrupt {what}: overlong number")
+            return value, pos
+    raise ArchiveError(f"corrupt {what}: number too long")
 
 
 @dataclass
@@ -79,6 +104,12 @@ class Block:
         return bytes(head) + self.payload
 
 
+def index_entry(kind: int, flags: int, stored_size: int, original_size: int, token_count: int) -> bytes:
+    """One block's index entry: ``kind | flags | stored size | original size [| token count]``."""
+    entry = bytes([kind, flags]) + encode_varint(stored_size) + encode_varint(original_size)
+    return entry + encode_varint(token_count) if kind == BlockKind.LLM else entry
+
+
 def stream_header_bytes(header: dict) -> bytes:
     """``magic | version | flags | u32 size | u32 crc | zstd(JSON header)``."""
     body = zstandard.ZstdCompressor(level=19).compress(
@@ -89,18 +120,89 @@ def stream_header_bytes(header: dict) -> bytes:
     return MAGIC + bytes([VERSION, 0]) + struct.pack("<II", len(body), crc32(body)) + body
 
 
-def end_record_bytes(block_count: int, total_size: int) -> bytes:
-    head = bytes([BlockKind.END, 0]) + encode_varint(block_count) + encode_varint(total_size)
-    return head + struct.pack("<I", crc32(head))
+def index_and_footer_bytes(header_size: int, block_count: int, total_size: int, entries: bytes) -> bytes:
+    head = bytes([BlockKind.INDEX, 0]) + encode_varint(header_size) + encode_varint(block_count)
+    index = head + encode_varint(total_size) + entries
+    index += struct.pack("<I", crc32(index))
+    size = struct.pack("<Q", len(index))
+    return index + struct.pack("<I", crc32(size)) + size + FOOTER_MAGIC
+
+
+class GroupTracker:
+    """Checks the lockstep-group rules of FORMAT.md section 3 as blocks go by."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.rows_missing = 0  # LLM blocks the open group still needs
+        self.blocks_in_group = 0
+
+    @property
+    def open(self) -> bool:
+        return self.rows_missing > 0
+
+    def add(self, block: Block, number: int) -> None:
+        if block.kind == BlockKind.LLM:
+            if block.flags & FLAG_GROUP_START:
+                if self.rows_missing:
+                    raise ArchiveError(f"corrupt archive: block {number} starts a group inside another")
+                self.rows_missing = block.group_rows
+                self.blocks_in_group = 0
+            elif not self.rows_missing:
+                raise ArchiveError(f"corrupt archive: block {number} continues a group that never started")
+            self.rows_missing -= 1
+        self.blocks_in_group += 1
+        if self.rows_missing and self.blocks_in_group > 2 * self.batch + 1:
+            start = number - self.blocks_in_group + 1
+            raise ArchiveError(f"corrupt archive: group at block {start} never completes")
+
+
+@dataclass
+class StreamWriter:
+    """Writes one stream and remembers what its index needs; :meth:`resume` continues a partial one."""
+
+    sink: BinaryIO
+    header_size: int = 0
+    size: int = 0  # bytes of the stream so far (header and blocks)
+    block_count: int = 0
+    total_size: int = 0
+    entries: bytearray = field(default_factory=bytearray)
+
+    def write_header(self, header: dict) -> int:
+        data = stream_header_bytes(header)
+        self.sink.write(data)
+        self.header_size = self.size = len(data)
+        return len(data)
+
+    def write_block(self, block: Block) -> int:
+        data = block.to_bytes()
+        self.sink.write(data)
+        self.size += len(data)
+        self.block_count += 1
+        self.total_size += block.original_size
+        self.entries += index_entry(block.kind, block.flags, len(data), block.original_size, block.token_count)
+        return len(data)
+
+    def finish(self) -> int:
+        data = index_and_footer_bytes(self.header_size, self.block_count, self.total_size, bytes(self.entries))
+        self.sink.write(data)
+        return len(data)
 
 
 class ContainerReader:
-    """Reads streams from a binary file object, front to back, without seeking."""
+    """Reads streams from a binary file object, front to back, without seeking.
 
-    def __init__(self, source: BinaryIO, name: str) -> None:
+    It checks every block header and, at the end of each stream, that the
+    index lists exactly the blocks it read and that the footer points at it.
+    """
+
+    def __init__(self, source: BinaryIO, name: str, offset: int = 0) -> None:
         self._source = source
         self.name = name
-        self.offset = 0  # bytes consumed so far, for error messages
+        self.offset = offset  # bytes consumed so far (file offset when reading a file from there)
+        self.header_size = 0  # the current stream's header bytes
+        self.blocks = 0  # blocks read in the current stream
+        self.total = 0  # their original bytes
+        self.entries = bytearray()
 
     def _read(self, size: int, what: str) -> bytes:
         data = self._source.read(size)
@@ -128,6 +230,7 @@ class ContainerReader:
 
     def read_stream_header(self, first: bool) -> dict | None:
         """The next stream's header, or None at a clean end of input (after at least one stream)."""
+        start = self.offset
         magic = self._source.read(len(MAGIC))
         while magic and len(magic) < len(MAGIC) and (more := self._source.read(len(MAGIC) - len(magic))):
             magic += more
@@ -160,27 +263,25 @@ class ContainerReader:
             raise ArchiveError(f"corrupt header: {exc}") from None
         if not isinstance(header, dict):
             raise ArchiveError("corrupt header: not an object")
+        self.header_size = self.offset - start
+        self.blocks = self.total = 0
+        self.entries = bytearray()
         return header
 
-    def read_block(self, max_size: int, max_rows: int) -> Block | tuple[int, int]:
-        """The next block, or ``(block_count, total_size)`` from the end record.
+    def read_block(self, max_size: int, max_rows: int) -> Block | None:
+        """The next block, or None after the stream's index and footer were read and checked.
 
         A block holds at most ``max_size`` original bytes and a group at most
         ``max_rows`` rows; both are checked before the payload is read.
         """
+        start = self.offset
         head = bytearray(self._read(2, "block header"))
         kind, flags = head
-        if kind == BlockKind.END:
-            if flags:
-                raise ArchiveError("corrupt end record: reserved flags set")
-            count = self._varint("end record", head)
-            total = self._varint("end record", head)
-            (checksum,) = struct.unpack("<I", self._read(4, "end record"))
-            if crc32(bytes(head)) != checksum:
-                raise ArchiveError("corrupt end record: CRC mismatch")
-            return count, total
+        if kind == BlockKind.INDEX:
+            self._read_index(head)
+            return None
         if kind not in (BlockKind.RAW, BlockKind.ZSTD, BlockKind.LLM):
-            raise ArchiveError(f"corrupt block header: unknown block kind {kind} at byte {self.offset - 2}")
+            raise ArchiveError(f"corrupt block header: unknown block kind {kind} at byte {start}")
         allowed = FLAG_GROUP_START if kind == BlockKind.LLM else 0
         if flags & ~allowed:
             raise ArchiveError(f"corrupt block header: reserved flags 0x{flags:02x} set")
@@ -203,4 +304,133 @@ class ContainerReader:
             raise ArchiveError(f"corrupt block header: group of {rows} rows out of range")
         payload = self._read(payload_size, "block payload")
         checksum = struct.unpack("<I", content_crc)[0]
+        self.blocks += 1
+        self.total += original_size
+        self.entries += index_entry(kind, flags, self.offset - start, original_size, tokens)
         return Block(BlockKind(kind), flags, original_size, payload, tokens, checksum, rows)
+
+    def _read_index(self, head: bytearray) -> None:
+        """Read the index and footer and check them against the blocks read (never trusting its counts)."""
+        start = self.offset - 2
+        if head[1]:
+            raise ArchiveError("corrupt index: reserved flags set")
+        found = (self.header_size, self.blocks, self.total)
+        said = tuple(self._varint("index", head) for _ in range(3))
+        if said != found:
+            raise ArchiveError(
+                "corrupt index: says header {} bytes, {} blocks, {} bytes; found {}, {}, {}".format(*said, *found)
+            )
+        entries = self._read(len(self.entries), "index")
+        if entries != self.entries:
+            raise ArchiveError("corrupt index: it disagrees with the blocks")
+        (checksum,) = struct.unpack("<I", self._read(4, "index"))
+        if crc32(bytes(head) + entries) != checksum:
+            raise ArchiveError("corrupt index: CRC mismatch")
+        footer = self._read(FOOTER_SIZE, "footer")
+        if footer[12:] != FOOTER_MAGIC or struct.unpack("<I", footer[:4])[0] != crc32(footer[4:12]):
+            raise ArchiveError("corrupt footer")
+        if struct.unpack("<Q", footer[4:12])[0] != self.offset - FOOTER_SIZE - start:
+            raise ArchiveError("corrupt footer: index size mismatch")
+
+
+@dataclass
+class BlockEntry:
+    """A block as the index describes it, located in the file and in the original."""
+
+    number: int  # 1-based within its stream
+    kind: BlockKind
+    flags: int
+    offset: int  # file offset of the block header
+    stored_size: int  # block header and payload
+    original_offset: int  # within the whole archive's content (all streams)
+    original_size: int
+    token_count: int
+
+
+@dataclass
+class StreamIndex:
+    """One stream of a seekable archive, read from its footer and index only."""
+
+    start: int  # file offset of the stream's magic
+    header_size: int
+    blocks: list[BlockEntry]
+    original_size: int
+    index_size: int  # index record and footer
+    header: dict = field(default_factory=dict)
+
+    @property
+    def stored_size(self) -> int:
+        return self.header_size + sum(b.stored_size for b in self.blocks) + self.index_size
+
+
+def read_archive_index(source: BinaryIO, name: str) -> list[StreamIndex]:
+    """The index of every stream of a seekable archive, walking back from the end; headers are read too.
+
+    Raises :class:`ArchiveError` when the end of the file is not a valid
+    footer (a truncated archive, trailing garbage) or the pieces disagree.
+    """
+    end = source.seek(0, os.SEEK_END)
+    if end == 0:
+        raise ArchiveError("empty input: not an llmpipe archive")
+    streams: list[StreamIndex] = []
+    while end > 0:
+        if end < _STREAM_HEADER_FIXED + 2 + FOOTER_SIZE:
+            raise ArchiveError("no index: the archive is truncated or has trailing data")
+        source.seek(end - FOOTER_SIZE)
+        footer = source.read(FOOTER_SIZE)
+        if footer[12:] != FOOTER_MAGIC or struct.unpack("<I", footer[:4])[0] != crc32(footer[4:12]):
+            raise ArchiveError("no index: the archive is truncated or has trailing data (footer not found)")
+        (index_size,) = struct.unpack("<Q", footer[4:12])
+        index_start = end - FOOTER_SIZE - index_size
+        if not 6 <= index_size <= MAX_INDEX_BYTES or index_start < 0:
+            raise ArchiveError("corrupt footer: index size out of range")
+        source.seek(index_start)
+        index = source.read(index_size)
+        if crc32(index[:-4]) != struct.unpack("<I", index[-4:])[0] or index[:2] != bytes([BlockKind.INDEX, 0]):
+            raise ArchiveError("corrupt index: CRC mismatch")
+        stream = _parse_index(index[:-4], index_start, index_size + FOOTER_SIZE)
+        if stream.start < 0:
+            raise ArchiveError("corrupt index: more data than the file holds")
+        streams.append(stream)
+        end = stream.start
+    streams.reverse()
+    base = 0
+    for stream in streams:
+        reader = ContainerReader(source, name, stream.start)
+        source.seek(stream.start)
+        header = reader.read_stream_header(first=True)
+        if reader.header_size != stream.header_size:
+            raise ArchiveError("corrupt index: header size disagrees with the header")
+        stream.header = header or {}
+        for block in stream.blocks:
+            block.original_offset += base
+        base += stream.original_size
+    return streams
+
+
+def _parse_index(index: bytes, index_start: int, index_size: int) -> StreamIndex:
+    header_size, pos = _decode_varint(index, 2, "index")
+    count, pos = _decode_varint(index, pos, "index")
+    total, pos = _decode_varint(index, pos, "index")
+    if count > len(index):  # every entry takes at least four bytes
+        raise ArchiveError("corrupt index: block count out of range")
+    blocks = []
+    offset = original = 0
+    for number in range(1, count + 1):
+        if pos + 2 > len(index):
+            raise ArchiveError("corrupt index: ends inside an entry")
+        kind, flags = index[pos], index[pos + 1]
+        if kind not in (BlockKind.RAW, BlockKind.ZSTD, BlockKind.LLM):
+            raise ArchiveError(f"corrupt index: unknown block kind {kind}")
+        stored, pos = _decode_varint(index, pos + 2, "index")
+        size, pos = _decode_varint(index, pos, "index")
+        tokens, pos = _decode_varint(index, pos, "index") if kind == BlockKind.LLM else (0, pos)
+        blocks.append(BlockEntry(number, BlockKind(kind), flags, offset, stored, original, size, tokens))
+        offset += stored
+        original += size
+    if pos != len(index) or original != total:
+        raise ArchiveError("corrupt index: entries and totals disagree")
+    start = index_start - offset - header_size
+    for block in blocks:
+        block.offset += start + header_size
+    return StreamIndex(start, header_size, blocks, total, index_size)

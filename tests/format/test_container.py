@@ -6,13 +6,15 @@ from hypothesis import strategies as st
 
 from llmpipe.errors import ArchiveError
 from llmpipe.format.container import (
-    MAGIC,
     Block,
     BlockKind,
     ContainerReader,
+    StreamWriter,
     crc32,
     encode_varint,
-    end_record_bytes,
+    index_and_footer_bytes,
+    index_entry,
+    read_archive_index,
     stream_header_bytes,
 )
 
@@ -20,8 +22,13 @@ HEADER = {"chunk_size": 64, "model": {}, "numerics": {"batch": 1}}
 
 
 def _archive(blocks: list[Block]) -> bytes:
-    total = sum(b.original_size for b in blocks)
-    return stream_header_bytes(HEADER) + b"".join(b.to_bytes() for b in blocks) + end_record_bytes(len(blocks), total)
+    sink = io.BytesIO()
+    writer = StreamWriter(sink)
+    writer.write_header(HEADER)
+    for block in blocks:
+        writer.write_block(block)
+    writer.finish()
+    return sink.getvalue()
 
 
 def _read_all(data: bytes):
@@ -30,9 +37,9 @@ def _read_all(data: bytes):
     records = []
     while True:
         record = reader.read_block(64, 4)
-        records.append(record)
-        if not isinstance(record, Block):
+        if record is None:
             return header, records
+        records.append(record)
 
 
 @given(st.integers(0, 2**63 - 1))
@@ -50,13 +57,50 @@ def test_blocks_round_trip():
     ]
     header, records = _read_all(_archive(blocks))
     assert header == HEADER
-    assert records[:-1] == blocks
-    assert records[-1] == (3, 107)
+    assert records == blocks
 
 
-def test_magic_has_no_valid_utf8():
-    with pytest.raises(UnicodeDecodeError):
-        MAGIC.decode("utf-8")
+def test_index_locates_every_block_of_concatenated_streams():
+    blocks = [Block(BlockKind.RAW, 0, 3, b"abc", 0, crc32(b"abc")), Block(BlockKind.LLM, 1, 40, b"\x01", 7, 5, 3)]
+    one = _archive(blocks)
+    streams = read_archive_index(io.BytesIO(one + one), "t")
+    assert [s.start for s in streams] == [0, len(one)]
+    assert [s.stored_size for s in streams] == [len(one), len(one)]
+    entries = [b for s in streams for b in s.blocks]
+    assert [b.original_offset for b in entries] == [0, 3, 43, 46]
+    assert [b.token_count for b in entries] == [0, 7, 0, 7]
+    for entry, block in zip(entries, blocks * 2, strict=True):
+        assert (one + one)[entry.offset : entry.offset + entry.stored_size] == block.to_bytes()
+    assert streams[1].header == HEADER
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d[:-1], "footer not found"),
+        (lambda d: d + b"x", "footer not found"),
+        (lambda d: d[:-10] + bytes([d[-10] ^ 4]) + d[-9:], "footer not found"),
+        (lambda d: d[:-22] + bytes([d[-22] ^ 4]) + d[-21:], "index: CRC"),
+        (lambda d: d[5:], "more data than the file holds"),
+    ],
+)
+def test_damaged_index_or_footer_is_refused(mutate, message):
+    data = _archive([Block(BlockKind.RAW, 0, 3, b"abc", 0, crc32(b"abc"))] * 3)
+    with pytest.raises(ArchiveError, match=message):
+        read_archive_index(io.BytesIO(mutate(data)), "t")
+
+
+def test_an_index_that_disagrees_with_the_blocks_is_refused_front_to_back():
+    good = Block(BlockKind.RAW, 0, 3, b"abc", 0, crc32(b"abc"))
+    head = stream_header_bytes(HEADER)
+    entry = index_entry(BlockKind.RAW, 0, len(good.to_bytes()), 3, 0)
+    body = head + good.to_bytes() + good.to_bytes()
+    with pytest.raises(ArchiveError, match="index: says"):
+        _read_all(body + index_and_footer_bytes(len(head), 1, 3, entry))
+    other = index_entry(BlockKind.ZSTD, 0, len(good.to_bytes()), 3, 0)
+    with pytest.raises(ArchiveError, match="disagrees"):
+        _read_all(body + index_and_footer_bytes(len(head), 2, 6, entry + other))
+    _read_all(body + index_and_footer_bytes(len(head), 2, 6, entry + entry))
 
 
 @pytest.mark.parametrize(
@@ -64,7 +108,7 @@ def test_magic_has_no_valid_utf8():
     [
         (lambda d: b"", "empty input"),
         (lambda d: b"PK\x03\x04" + d[4:], "wrong magic"),
-        (lambda d: d[:6] + b"\x02" + d[7:], "unsupported format version 2"),
+        (lambda d: d[:6] + b"\x01" + d[7:], "unsupported format version 1"),
         (lambda d: d[:7] + b"\x80" + d[8:], "reserved bits"),
         (lambda d: d[:12] + bytes([d[12] ^ 1]) + d[13:], "header: CRC"),
         (lambda d: d[:-1], "truncated"),
@@ -78,7 +122,7 @@ def test_damaged_archives_are_refused(mutate, message):
         first = True
         while reader.read_stream_header(first) is not None:
             first = False
-            while isinstance(reader.read_block(64, 4), Block):
+            while reader.read_block(64, 4) is not None:
                 pass
 
 
