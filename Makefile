@@ -33,6 +33,7 @@ bench: model
 	$(PY) bench/bench.py run --name files
 	$(PY) bench/bench.py numerics --name numerics --bytes 32768
 	$(PY) bench/bench.py roofline --name roofline
+	$(PY) bench/bench.py backup --name backup --bytes 65536
 	$(PY) bench/bench.py report --write BENCHMARKS.md
 
 clean:

@@ -322,7 +322,7 @@ def _decompress_work(args: argparse.Namespace):
         name = getattr(src, "name", "<stdin>")
         name = name if isinstance(name, str) else "<stdin>"
         seekable = src.seekable()
-        if out and out.resumed or args.range or args.keep_going and seekable:
+        if out and out.resumed or args.range or args.keep_going and seekable and _has_index(src, name):
             if not seekable:
                 raise UsageError("--range and --resume need an archive file, not a pipe")
             start, end = args.range or (0, None)
@@ -334,6 +334,19 @@ def _decompress_work(args: argparse.Namespace):
         return worker.decompress_stream(src, dst, name, keep_going=args.keep_going, progress=progress)
 
     return work
+
+
+def _has_index(source: BinaryIO, name: str) -> bool:
+    """Whether a seekable archive's index reads cleanly (else ``--keep-going`` reads front to back)."""
+    from llmpipe.format.container import read_archive_index
+
+    try:
+        read_archive_index(source, name)
+        return True
+    except LlmpipeError:
+        return False
+    finally:
+        source.seek(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,12 +366,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--range and --keep-going go with -d")
         if args.range and args.resume:
             raise UsageError("--range and --resume do not go together")
-        jobs = [_Job(args, source) for source in files]  # check every file before any model work
-        work = _compress_work(args) if jobs[0].compressing else _decompress_work(args)
+        work = None  # built at the first usable file: it loads the model once for all of them
         status = 0
-        for job in jobs:  # like zstd: an error in one file is reported and the others still run
+        for source in files:  # like zstd: an error in one file is reported and the others still run
             try:
-                job.run(lambda s, d, o, p, job=job: _report(args, job.name, work(s, d, o, p)))
+                job = _Job(args, source)
+                if work is None:
+                    work = _compress_work(args) if job.compressing else _decompress_work(args)
+                job.run(lambda s, d, o, p, job=job, work=work: _report(args, job.name, work(s, d, o, p)))
             except LlmpipeError as exc:
                 print(f"llmpipe: {exc}", file=sys.stderr)
                 status = max(status, exc.exit_code)

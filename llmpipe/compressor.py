@@ -25,7 +25,7 @@ from llmpipe.coder.frequencies import FREQ_BITS
 from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
 from llmpipe.engine import create_engine
 from llmpipe.engine.memory import check_kv_budget
-from llmpipe.errors import ArchiveError, LlmpipeError, UsageError
+from llmpipe.errors import ArchiveError, LlmpipeError, TruncatedArchiveError, UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
@@ -171,17 +171,22 @@ class Compressor:
             writer.write(data)
         return writer.close()
 
-    def resume(self, partial: BinaryIO, name: str, source: BinaryIO) -> StreamWriter:
+    def resume(self, partial: BinaryIO, name: str, source: BinaryIO) -> StreamWriter | None:
         """Continue an interrupted compression: keep the complete groups of ``partial`` (opened ``r+b``).
 
         Every kept block's checksum is compared with the input's bytes at its
         place (the input must be the same seekable file), the partial archive
         is cut after the last complete group, and ``source`` is positioned at
-        the first byte not yet coded. Returns the writer to continue with.
+        the first byte not yet coded. Returns the writer to continue with, or
+        None when not even the stream header was complete (start afresh).
         """
         reader = ContainerReader(partial, name)
         try:
             header = reader.read_stream_header(first=True)
+        except TruncatedArchiveError:  # killed before the header was out
+            partial.seek(0)
+            partial.truncate()
+            return None
         except ArchiveError as exc:
             raise UsageError(f"{name}: cannot resume from it ({exc})") from None
         mine = self.header()

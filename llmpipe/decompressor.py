@@ -158,15 +158,22 @@ class Decompressor:
         """Decode every stream in ``source`` (concatenated archives) front to back into ``sink``.
 
         With ``keep_going`` a block that fails its checksum is left out and
-        decoding goes on; a :class:`DamagedArchiveError` at the end lists them.
+        decoding goes on; damage that loses the thread (a block header, the
+        index) ends decoding there, keeping what was written; a
+        :class:`DamagedArchiveError` at the end lists it all.
         """
         stats = Stats()
         started = time.perf_counter()
-        for data in self.iter_decompressed(source, name, stats, keep_going=keep_going):
-            sink.write(data)
-            stats.seconds = time.perf_counter() - started
-            if progress:
-                progress(stats)
+        try:
+            for data in self.iter_decompressed(source, name, stats, keep_going=keep_going):
+                sink.write(data)
+                stats.seconds = time.perf_counter() - started
+                if progress:
+                    progress(stats)
+        except ArchiveError as exc:
+            if not keep_going:
+                raise
+            stats.damaged.append(f"everything after the {stats.input_bytes} bytes written ({exc})")
         stats.seconds = time.perf_counter() - started
         _raise_if_damaged(stats)
         return stats
@@ -387,7 +394,7 @@ def _where(number: int, offset: int, size: int) -> str:
 def _raise_if_damaged(stats: Stats) -> None:
     if stats.damaged:
         shown = ", ".join(stats.damaged[:5]) + (", ..." if len(stats.damaged) > 5 else "")
-        raise DamagedArchiveError(f"{len(stats.damaged)} damaged block(s) left out: {shown}")
+        raise DamagedArchiveError(f"{len(stats.damaged)} damaged part(s) left out: {shown}")
 
 
 def _unzstd(block: Block) -> bytes:

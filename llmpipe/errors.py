@@ -20,6 +20,10 @@ class ArchiveError(LlmpipeError):
     """The input is not a valid llmpipe archive: wrong magic, damage, truncation."""
 
 
+class TruncatedArchiveError(ArchiveError):
+    """The input ended early (including an empty input)."""
+
+
 class ChecksumError(ArchiveError):
     """A block decoded, but not to the bytes that were compressed."""
 

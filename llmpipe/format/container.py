@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from llmpipe.errors import ArchiveError
+from llmpipe.errors import ArchiveError, TruncatedArchiveError
 
 MAGIC = b"\xfaLLMP\x00"  # 0xFA is never valid UTF-8
 FOOTER_MAGIC = b"PMLL"  # the stream magic's letters backwards, as the last bytes of every stream
@@ -209,7 +209,7 @@ class ContainerReader:
         while len(data) < size:  # pipes may return short reads
             more = self._source.read(size - len(data))
             if not more:
-                raise ArchiveError(
+                raise TruncatedArchiveError(
                     f"truncated archive: unexpected end of input in {what} at byte {self.offset + len(data)}"
                 )
             data += more
@@ -236,14 +236,14 @@ class ContainerReader:
             magic += more
         if not magic:
             if first:
-                raise ArchiveError("empty input: not an llmpipe archive")
+                raise TruncatedArchiveError("empty input: not an llmpipe archive")
             return None
         self.offset += len(magic)
         if magic != MAGIC:
             if not first:
                 raise ArchiveError("trailing garbage after the end of the archive")
             if MAGIC.startswith(magic):
-                raise ArchiveError("truncated archive: unexpected end of input in magic")
+                raise TruncatedArchiveError("truncated archive: unexpected end of input in magic")
             raise ArchiveError("not an llmpipe archive (wrong magic)")
         version, flags = self._read(2, "stream header")
         if version != VERSION:

@@ -1,0 +1,48 @@
+"""The gzip-shaped Python interface: compress, decompress, open, with streaming in random pieces."""
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import llmpipe
+from tests.tiny_model import DATA
+
+TEXT = (DATA / "alice_chapter1.txt").read_bytes()[:3000]
+
+
+def test_compress_and_decompress(tiny_model):
+    packed = llmpipe.compress(TEXT, model=tiny_model, chunk_size=256, batch=4)
+    assert len(packed) < len(TEXT)
+    assert llmpipe.decompress(packed, model=tiny_model) == TEXT
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.one_of(st.binary(max_size=1500), st.integers(0, 3000).map(lambda n: TEXT[:n])),
+    seed=st.integers(0, 2**32),
+    chunk_size=st.sampled_from([16, 100, 256]),
+    batch=st.sampled_from([1, 3]),
+)
+def test_open_streams_in_pieces_of_any_size(tiny_model, tmp_path, data, seed, chunk_size, batch):
+    rng = random.Random(seed)
+    path = tmp_path / f"{seed}.llmp"
+    with llmpipe.open(path, "wb", model=tiny_model, chunk_size=chunk_size, batch=batch) as f:
+        position = 0
+        while position < len(data):
+            step = rng.randint(1, 700)
+            assert f.write(data[position : position + step]) == len(data[position : position + step])
+            position += step
+    with path.open("rb") as archive:
+        assert llmpipe.decompress(archive.read(), model=tiny_model) == data
+    pieces = []
+    with llmpipe.open(path, "rb", model=tiny_model) as f:
+        while piece := f.read(rng.randint(1, 900)):
+            pieces.append(piece)
+    assert b"".join(pieces) == data
+
+
+def test_open_rejects_other_modes(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        llmpipe.open(tmp_path / "x", "a")
