@@ -234,7 +234,7 @@ class Compressor:
             for i, c in enumerate(chunks)
             if len(symbols[i]) <= limit and len(c) >= MIN_BYTES_PER_SYMBOL * len(symbols[i])
         ]
-        plain_size = {i: min(len(self._zstd.compress(chunks[i])), len(chunks[i])) for i in candidates}
+        plain_size = {i: min(len(self._smallest_zstd(chunks[i])), len(chunks[i])) for i in candidates}
         llm_blocks: dict[int, Block] = {}
         ideal: dict[int, float] = {}
         while candidates:
@@ -274,10 +274,22 @@ class Compressor:
 
     def _plain_block(self, data: bytes) -> Block:
         """The smaller of a zstd and a raw block for ``data``."""
-        packed = self._zstd.compress(data)
+        packed = self._smallest_zstd(data)
         if len(packed) < len(data):
             return Block(BlockKind.ZSTD, 0, len(data), packed, 0, crc32(data))
         return Block(BlockKind.RAW, 0, len(data), data, 0, crc32(data))
+
+    def _smallest_zstd(self, data: bytes) -> bytes:
+        """The smaller of two zstd frames of ``data``: with its size declared, and streamed without it.
+
+        libzstd tunes its parameters down when it knows the size is small,
+        which on some binary data costs 10-15%; the streamed frame keeps the
+        full level-19 search.
+        """
+        sized = self._zstd.compress(data)
+        streaming = self._zstd.compressobj()
+        unsized = streaming.compress(data) + streaming.flush()
+        return unsized if len(unsized) < len(sized) else sized
 
     def compress(self, data: bytes) -> bytes:
         """Compress a bytes object in memory."""
