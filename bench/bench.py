@@ -78,15 +78,15 @@ def baseline_bpb(data: bytes) -> dict[str, float]:
     return out
 
 
-def measure(compressor: Compressor, decompressor: Decompressor, data: bytes) -> dict:
+def measure(compressor: Compressor, decompressor: Decompressor | None, data: bytes) -> dict:
+    """Compress ``data`` and (unless ``decompressor`` is None) decompress and compare it, timing both."""
     sink = io.BytesIO()
     stats = compressor.compress_stream(io.BytesIO(data), sink)
     archive = sink.getvalue()
     started = time.perf_counter()
-    restored = decompressor.decompress(archive)
-    decode_seconds = time.perf_counter() - started
-    if restored != data:
+    if decompressor is not None and decompressor.decompress(archive) != data:
         raise SystemExit("round trip FAILED")
+    decode_seconds = time.perf_counter() - started if decompressor is not None else None
     return {
         "bytes": len(data),
         "archive_bytes": len(archive),
@@ -99,7 +99,7 @@ def measure(compressor: Compressor, decompressor: Decompressor, data: bytes) -> 
         "coder_overhead": stats.coder_overhead,
         "symbols": stats.llm_symbols,
         "compress_kb_s": len(data) / 1024 / stats.seconds,
-        "decompress_kb_s": len(data) / 1024 / decode_seconds,
+        "decompress_kb_s": len(data) / 1024 / decode_seconds if decode_seconds else None,
     }
 
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
     compressor = Compressor(
         model, chunk_size=args.chunk_size, batch=args.batch, threads=args.threads, numerics=args.numerics
     )
-    decompressor = Decompressor(model, threads=args.threads)
+    decompressor = None if args.compress_only else Decompressor(model, threads=args.threads)
     rows = []
     for relative in args.files or DEFAULT_FILES:
         path = CORPUS / relative
@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> None:
             "numerics": args.numerics,
             "chunk_size": args.chunk_size,
             "batch": args.batch,
+            "context": compressor.context.record(),
             "rows": rows,
         },
     )
@@ -180,6 +181,110 @@ def sweep(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     save(args.name, {"kind": "sweep", "model": model.name, "numerics": "exact", "file": args.file, "rows": rows})
+
+
+CONTEXT_GRID = [  # (chunk size, context window, overlap); window 0: the whole chunk
+    (2048, 0, 0),
+    (8192, 0, 0),
+    (16384, 512, 128),
+    (16384, 1024, 256),
+    (16384, 1024, 512),
+    (16384, 2048, 512),
+    (65536, 1024, 256),
+]
+STEP_LENGTHS = [64, 256, 512, 1024, 2048]
+
+
+def context_grid(args: argparse.Namespace) -> None:
+    """Chunk size x context window x overlap: bits per byte measured, decoder speed modelled from measured steps.
+
+    Decoding 64 rows of 16 KB takes a 1 MB input and most of an hour here, so
+    the decoder's speed at batch 64 is modelled: one lockstep step at batch 64
+    is timed at several cache lengths (interpolated between), a restart at the
+    measured prefill cost per token, and each configuration's schedule summed.
+    """
+    from llmpipe.codec import ContextWindow
+    from llmpipe.engine.exact_engine import ExactEngine
+
+    model = cache.load(args.model)
+    data = (CORPUS / args.file).read_bytes()[: args.bytes]
+    engine = ExactEngine(model, args.threads)
+    steps_ms, prefill_ms = _decoder_costs(engine, 64)
+    print(json.dumps({"step_ms": steps_ms, "prefill_ms_per_token": prefill_ms}), flush=True)
+    rows = []
+    for chunk_size, window, overlap in CONTEXT_GRID:
+        batch = min(64, -(-len(data) // chunk_size))
+        compressor = Compressor(
+            model, chunk_size=chunk_size, batch=batch, threads=args.threads, context=window, overlap=overlap
+        )
+        sink = io.BytesIO()
+        stats = compressor.compress_stream(io.BytesIO(data), sink)
+        context = ContextWindow(window, overlap)
+        row_tokens = stats.llm_symbols / max(1, stats.blocks["llm"])
+        seconds = _modelled_row_seconds(int(row_tokens), context, steps_ms, prefill_ms)
+        row = {
+            "chunk_size": chunk_size,
+            "window": window,
+            "overlap": overlap,
+            "bytes": len(data),
+            "bpb": 8 * len(sink.getvalue()) / len(data),
+            "ideal_bpb": (stats.ideal_bits + 8 * (len(data) - stats.llm_input_bytes)) / len(data),
+            "compress_kb_s": len(data) / 1024 / stats.seconds,
+            "modelled_decompress_kb_s": stats.llm_input_bytes / max(1, stats.blocks["llm"]) / 1024 / seconds,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    save(
+        args.name,
+        {
+            "kind": "context",
+            "model": model.name,
+            "numerics": "exact",
+            "file": args.file,
+            "step_ms": steps_ms,
+            "prefill_ms_per_token": prefill_ms,
+            "rows": rows,
+        },
+    )
+
+
+def _decoder_costs(engine, batch: int) -> tuple[dict[int, float], float]:
+    """Milliseconds of one lockstep step of ``batch`` rows at each cache length, and of prefill per row-token."""
+    import torch
+
+    llama = engine._llama
+    steps = {}
+    with torch.inference_mode():
+        for length in STEP_LENGTHS:
+            kv = llama.new_cache(batch, length)
+            kv.length = length - 3
+            tokens = torch.ones(batch, 1, dtype=torch.long)
+            llama.forward(tokens, kv)  # warm-up
+            started = time.perf_counter()
+            llama.forward(tokens, kv)
+            llama.forward(tokens, kv)
+            steps[length] = (time.perf_counter() - started) / 2 * 1000
+        session = engine.session(batch, 256)
+        started = time.perf_counter()
+        session.restart([[1] * 256] * batch)  # the decoder's restart, as it runs
+        prefill = (time.perf_counter() - started) * 1000 / (batch * 256)
+    return steps, prefill
+
+
+def _modelled_row_seconds(tokens: int, context, steps_ms: dict[int, float], prefill_ms: float) -> float:
+    """Decoder time one row takes at batch 64: its share of each step, and its restarts' prefill."""
+    import numpy as np
+
+    lengths = sorted(steps_ms)
+    starts = context.starts(tokens)
+    total = 0.0
+    for k, (a, b) in enumerate(zip(starts, [*starts[1:], tokens], strict=True)):
+        first = 1 if k == 0 else context.overlap + 1  # context length at the segment's first step
+        cache = np.arange(first, first + b - a)
+        total += float(np.interp(cache, lengths, [steps_ms[n] for n in lengths]).sum()) / 64
+        if k:
+            total += context.overlap * prefill_ms
+    return total / 1000
 
 
 def roundtrip(args: argparse.Namespace) -> None:
@@ -345,7 +450,8 @@ def report(args: argparse.Namespace) -> None:
         if run_data["kind"] == "files":
             names = list(run_data["rows"][0]["baselines"]) if run_data["rows"] else []
             lines.append(
-                f"Chunk size {run_data['chunk_size']} bytes, batch {run_data['batch']}. "
+                f"Chunk size {run_data['chunk_size']} bytes, batch {run_data['batch']}, context "
+                f"{run_data.get('context', {'window': 0, 'overlap': 0})} tokens (window 0: the whole chunk). "
                 "Famous texts (*) are probably in the model's training data."
             )
             lines.append("")
@@ -362,7 +468,7 @@ def report(args: argparse.Namespace) -> None:
                 lines.append(
                     f"| {r['file']}{star} | {r['bytes']} | **{r['bpb']:.3f}** | {ideal} | "
                     f"{100 * r['coder_overhead']:.2f}% | {base} | "
-                    f"{r['compress_kb_s']:.2f} | {r['decompress_kb_s']:.2f} |"
+                    f"{r['compress_kb_s']:.2f} | {_kb_s(r['decompress_kb_s'])} |"
                 )
         elif run_data["kind"] == "roofline":
             lines.append(
@@ -427,6 +533,23 @@ def report(args: argparse.Namespace) -> None:
                 f"(Python start-up included), {t['-l -v --json']:.2f} s with every block as JSON. No model is "
                 "loaded and torch is not imported.",
             ]
+        elif run_data["kind"] == "context":
+            steps = ", ".join(f"{n}: {ms:.0f} ms" for n, ms in run_data["step_ms"].items())
+            lines.append(
+                f"Context beyond the chunk, on the first {run_data['rows'][0]['bytes']} bytes of "
+                f"`{run_data['file']}`: chunk size x context window x overlap (tokens; window 0 = the whole chunk). "
+                "bpb and compression speed are measured. Decompression speed is *modelled* for batch 64 "
+                f"from step times measured in the same run (cache length: {steps}) and prefill at "
+                f"{run_data['prefill_ms_per_token']:.2f} ms per row-token for each restart."
+            )
+            lines.append("")
+            lines.append("| chunk | window | overlap | bpb | ideal bpb | compress KB/s | modelled decompress KB/s |")
+            lines.append("|---|---|---|---|---|---|---|")
+            for r in run_data["rows"]:
+                lines.append(
+                    f"| {r['chunk_size']} | {r['window']} | {r['overlap']} | {r['bpb']:.3f} | {r['ideal_bpb']:.3f} | "
+                    f"{r['compress_kb_s']:.2f} | {r['modelled_decompress_kb_s']:.2f} |"
+                )
         elif run_data["kind"] == "roundtrip":
             rows = run_data["rows"]
             passed = sum(r["ok"] for r in rows)
@@ -463,10 +586,14 @@ def report(args: argparse.Namespace) -> None:
     print(f"wrote {args.write}")
 
 
+def _kb_s(value: float | None) -> str:
+    return f"{value:.2f}" if value else "not run"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "numerics", "sweep", "roundtrip", "roofline", "backup"):
+    for name in ("run", "numerics", "sweep", "roundtrip", "roofline", "backup", "context"):
         p = sub.add_parser(name)
         p.add_argument("--name", required=True)
         p.add_argument("--model", default=None)
@@ -476,10 +603,12 @@ def main() -> None:
     runner.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     runner.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     runner.add_argument("--numerics", choices=("exact", "float"), default="exact")
+    runner.add_argument("--compress-only", action="store_true", help="skip the (slower) decompression")
     runner.add_argument("files", nargs="*")
     sub.choices["numerics"].add_argument("files", nargs="*")
     sub.choices["roundtrip"].add_argument("--chunk-size", type=int, default=512)
     sub.choices["roundtrip"].add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    sub.choices["context"].add_argument("--file", default="enwik/enwik8_first_1000000")
     sweeper = sub.choices["sweep"]
     sweeper.add_argument("--file", default="enwik/enwik8_first_1000000")
     sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
@@ -492,6 +621,7 @@ def main() -> None:
         "roundtrip": roundtrip,
         "roofline": roofline,
         "backup": backup,
+        "context": context_grid,
         "report": report,
     }
     commands[args.command](args)

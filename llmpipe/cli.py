@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from llmpipe import __version__
-from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
+from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_THREADS
 from llmpipe.errors import DamagedArchiveError, LlmpipeError, UsageError
 
 SUFFIX = ".llmp"
@@ -79,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_BATCH,
         metavar="N",
         help="chunks coded together; also rows decoded together (default %(default)s)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=DEFAULT_CONTEXT,
+        metavar="TOKENS",
+        help="longest context a prediction sees; past it the window restarts from its last --overlap tokens "
+        "(default %(default)s: the whole chunk)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        metavar="TOKENS",
+        help="tokens kept when the context window restarts (default %(default)s)",
     )
     p.add_argument(
         "-T",
@@ -303,7 +318,13 @@ def _compress_work(args: argparse.Namespace):
     from llmpipe.compressor import Compressor
 
     compressor = Compressor(
-        args.model, chunk_size=args.chunk_size, batch=args.batch, threads=args.threads, numerics=args.numerics
+        args.model,
+        chunk_size=args.chunk_size,
+        batch=args.batch,
+        threads=args.threads,
+        numerics=args.numerics,
+        context=args.context,
+        overlap=args.overlap,
     )
 
     def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:

@@ -9,6 +9,11 @@ through a KV cache (:meth:`LlmCoder.decode_group`). The encoder does the
 same with the float engine, whose numbers are only reproducible on the
 same schedule; with the exact engine it scores each chunk's positions in
 full-sequence passes instead, which gives identical tables much faster.
+
+A :class:`ContextWindow` bounds what a position sees: past ``window``
+inputs the context restarts from the prime token and the last ``overlap``
+inputs, the same way on both sides, so long chunks cost bounded attention
+and memory per step.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from llmpipe.tokenization import ByteTokenizer
 class Session(Protocol):
     def step(self, inputs: list[int]) -> torch.Tensor: ...
 
+    def restart(self, prefixes: list[list[int]]) -> None: ...
+
 
 class Engine(Protocol):
     """What the coder needs from an engine (``FloatEngine``, ``ExactEngine``)."""
@@ -39,9 +46,46 @@ class Engine(Protocol):
 
     def session(self, rows: int, max_len: int) -> Session: ...
 
-    def tables(self, inputs: list[list[int]]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def tables(self, inputs: list[list[int]], skips: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Only where ``full_sequence``: the tables of every position, see ``ExactEngine.tables``."""
         ...
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """Which model inputs the prediction of each symbol sees (FORMAT.md section 5).
+
+    With ``window == 0`` symbol ``i`` sees inputs ``x_0..x_i`` (the whole
+    chunk so far; ``x_0`` is the prime token). Otherwise the chunk is cut
+    into segments starting at ``a_0 = 0``, ``a_1 = window``,
+    ``a_{k+1} = a_k + window - overlap``; in segment ``k >= 1`` symbol ``i``
+    sees the prime token then ``x_{a_k - overlap + 1}..x_i``. No context is
+    longer than ``window`` inputs.
+    """
+
+    window: int = 0
+    overlap: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window and not 1 <= self.overlap <= self.window - 2:
+            raise ValueError(f"overlap must be 1..window-2 (window {self.window}, overlap {self.overlap})")
+
+    def starts(self, length: int) -> list[int]:
+        """``a_0, a_1, ...`` below ``length``."""
+        if not self.window:
+            return [0]
+        starts = [0]
+        nxt = self.window
+        while nxt < length:
+            starts.append(nxt)
+            nxt += self.window - self.overlap
+        return starts
+
+    def longest_context(self, length: int) -> int:
+        return min(length, self.window) if self.window else length
+
+    def record(self) -> dict:
+        return {"window": self.window, "overlap": self.overlap}
 
 
 @dataclass
@@ -57,7 +101,11 @@ class LlmCoder:
         self.engine = engine
         self.tokenizer = tokenizer
 
-    def encode_group(self, sequences: list[list[int]]) -> EncodedGroup:
+    def _inputs(self, sequence: list[int]) -> list[int]:
+        """``x_0..x_{t-1}``: the prime token, then each symbol's model input but the last's."""
+        return [self.tokenizer.prime_token] + [self.tokenizer.model_input(s) for s in sequence[:-1]]
+
+    def encode_group(self, sequences: list[list[int]], context: ContextWindow) -> EncodedGroup:
         encoders = [RangeEncoder() for _ in sequences]
         ideal = [0.0] * len(sequences)
 
@@ -68,41 +116,58 @@ class LlmCoder:
             ideal[row] += float(np.log2(np.array(totals, dtype=np.float64) / np.array(sizes)).sum())
 
         if self.engine.full_sequence:
-            model_input = self.tokenizer.model_input
-            inputs = [[self.tokenizer.prime_token] + [model_input(s) for s in seq[:-1]] for seq in sequences]
-            for row, first, freq in self.engine.tables(inputs):
-                symbols = torch.tensor(sequences[row][first : first + len(freq)])
+            segments: list[tuple[int, int]] = []  # (row, first symbol) of each pass input below
+            inputs: list[list[int]] = []
+            skips: list[int] = []
+            prime = self.tokenizer.prime_token
+            for row, sequence in enumerate(sequences):
+                x = self._inputs(sequence)
+                starts = context.starts(len(x))
+                for a, b in zip(starts, [*starts[1:], len(x)], strict=True):
+                    segment = x[:b] if a == 0 else [prime] + x[a - context.overlap + 1 : b]
+                    segments.append((row, a))
+                    inputs.append(segment)
+                    skips.append(len(segment) - (b - a))
+            for index, first, freq in self.engine.tables(inputs, skips):
+                row, a = segments[index]
+                symbols = torch.tensor(sequences[row][a + first : a + first + len(freq)])
                 code(row, *code_positions(freq, symbols))
         else:  # replay the decoder's schedule exactly
             counts = [len(s) for s in sequences]
-            session = self.engine.session(len(sequences), max(counts))
-            inputs = [self.tokenizer.prime_token] * len(sequences)
-            for step in range(max(counts)):
-                live = [r for r in range(len(sequences)) if step < counts[r]]
-                freq = session.step(inputs)
+            for step, live, freq in self._lockstep(counts, context, lambda step, r: sequences[r][step]):
                 symbols = torch.tensor([sequences[r][step] for r in live])
                 starts, sizes, totals = code_positions(freq[live], symbols)
                 for k, r in enumerate(live):
                     code(r, [starts[k]], [sizes[k]], [totals[k]])
-                    inputs[r] = self.tokenizer.model_input(sequences[r][step])
         return EncodedGroup([e.finish() for e in encoders], ideal)
 
-    def decode_group(self, payloads: list[bytes], counts: list[int]) -> list[list[int]]:
+    def decode_group(self, payloads: list[bytes], counts: list[int], context: ContextWindow) -> list[list[int]]:
         """Decode a group one position per step, all rows together through the KV cache."""
         decoders = [RangeDecoder(p) for p in payloads]
         sequences: list[list[int]] = [[] for _ in payloads]
-        session = self.engine.session(len(payloads), max(counts))
-        inputs = [self.tokenizer.prime_token] * len(payloads)
-        for step in range(max(counts)):
-            live = [r for r in range(len(payloads)) if step < counts[r]]
-            freq = session.step(inputs)[live]
+        for _step, live, freq in self._lockstep(counts, context, lambda step, r: sequences[r][step]):
 
             def targets_for(totals: list[int], live: list[int] = live) -> list[int]:
                 return [decoders[r].target(total) for r, total in zip(live, totals, strict=True)]
 
-            symbols, starts, sizes = find_symbols(freq, targets_for)
+            symbols, starts, sizes = find_symbols(freq[live], targets_for)
             for r, symbol, start, size in zip(live, symbols, starts, sizes, strict=True):
                 decoders[r].consume(start, size)
                 sequences[r].append(symbol)
-                inputs[r] = self.tokenizer.model_input(symbol)
         return sequences
+
+    def _lockstep(self, counts: list[int], context: ContextWindow, symbol_at) -> Iterator[tuple[int, list, object]]:
+        """The decoder's schedule: yields ``(step, live rows, tables)``; the caller settles each live row's
+        symbol of that step (``symbol_at(step, row)`` must then return it) before the next one."""
+        rows = len(counts)
+        prime = self.tokenizer.prime_token
+        session = self.engine.session(rows, context.longest_context(max(counts)))
+        history: list[list[int]] = [[prime] for _ in range(rows)]  # x_0..x_step of every row
+        restarts = set(context.starts(max(counts))[1:])
+        for step in range(max(counts)):
+            if step in restarts:
+                session.restart([[prime] + h[step - context.overlap + 1 : step] for h in history])
+            live = [r for r in range(rows) if step < counts[r]]
+            yield step, live, session.step([h[step] for h in history])
+            for r in range(rows):
+                history[r].append(self.tokenizer.model_input(symbol_at(step, r)) if r in live else prime)

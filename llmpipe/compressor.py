@@ -20,15 +20,16 @@ from typing import BinaryIO
 import zstandard
 
 from llmpipe import __version__
-from llmpipe.codec import LlmCoder
+from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
-from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
+from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_THREADS
 from llmpipe.engine import create_engine
 from llmpipe.engine.memory import check_kv_budget
 from llmpipe.errors import ArchiveError, LlmpipeError, TruncatedArchiveError, UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
+    MAX_CONTEXT,
     MAX_ROWS,
     MAX_WINDOW,
     Block,
@@ -45,6 +46,8 @@ from llmpipe.tokenization import ESCAPE_SYMBOLS
 MIN_BYTES_PER_SYMBOL = 1.5
 """Chunks that tokenise worse than this (binary data) skip the model: zstd wins there and it saves hours."""
 ZSTD_LEVEL = 19
+MIN_ROW_BYTES = 2048
+"""Inputs shorter than a window are cut into up to ``batch`` rows of at least this many bytes."""
 
 
 @dataclass
@@ -118,6 +121,8 @@ class Compressor:
         batch: int = DEFAULT_BATCH,
         threads: int = DEFAULT_THREADS,
         numerics: str = "exact",
+        context: int = DEFAULT_CONTEXT,
+        overlap: int = DEFAULT_OVERLAP,
     ) -> None:
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
@@ -127,12 +132,16 @@ class Compressor:
             raise UsageError(f"batch x chunk size must stay within {MAX_WINDOW >> 20} MiB")
         if not 1 <= threads <= 256:
             raise UsageError("threads must be between 1 and 256")
+        if context and not (1 <= overlap <= context - 2 and context <= MAX_CONTEXT):
+            raise UsageError(f"--context must be 0 or 3..{MAX_CONTEXT} tokens, and --overlap 1..context-2")
+        self.context = ContextWindow(context, overlap if context else 0)
         self.model = model if isinstance(model, LoadedModel) else cache.load(model)
         self.chunk_size = chunk_size
         self.batch = batch
         self.threads = threads
         engine = create_engine(numerics, self.model, threads, batch)
-        worst_positions = min(chunk_size, engine.max_positions)  # a row never has more symbols than chunk_size
+        # a row never has more symbols than chunk_size, nor a context more than the window
+        worst_positions = min(self.context.longest_context(chunk_size), engine.max_positions)
         try:  # refuse now what a group of this size could need, not hours into the input
             check_kv_budget(batch, worst_positions, engine.max_positions, engine.kv_bytes_per_position)
         except LlmpipeError as exc:
@@ -148,6 +157,7 @@ class Compressor:
             "prime_token": self.model.tokenizer.prime_token,
             "coder": {"name": "range64", "freq_bits": FREQ_BITS, "escape_symbols": ESCAPE_SYMBOLS},
             "batch": self.batch,
+            "context": self.context.record(),
             "numerics": self._coder.engine.numerics(),
             "steering": None,
         }
@@ -225,20 +235,23 @@ class Compressor:
     def code_window(self, window: bytes, stats: Stats) -> list[Block]:
         """Code one window as up to ``batch`` rows (chunks): its blocks, in order."""
         tokenizer = self.model.tokenizer
-        rows = -(-len(window) // self.chunk_size)
+        # rows of chunk_size bytes, but never fewer than batch rows of MIN_ROW_BYTES: a short input
+        # keeps the decoder's batch full, a long one gets long rows (more context per symbol)
+        rows = min(self.batch, max(-(-len(window) // self.chunk_size), len(window) // MIN_ROW_BYTES))
         symbols = split_rows(tokenizer.encode(window), tokenizer.spellings, rows)
         chunks = [tokenizer.decode(row) for row in symbols]
         limit = self._coder.engine.max_positions
         candidates = [
             i
             for i, c in enumerate(chunks)
-            if len(symbols[i]) <= limit and len(c) >= MIN_BYTES_PER_SYMBOL * len(symbols[i])
+            if self.context.longest_context(len(symbols[i])) <= limit
+            and len(c) >= MIN_BYTES_PER_SYMBOL * len(symbols[i])
         ]
         plain_size = {i: min(len(self._smallest_zstd(chunks[i])), len(chunks[i])) for i in candidates}
         llm_blocks: dict[int, Block] = {}
         ideal: dict[int, float] = {}
         while candidates:
-            coded = self._coder.encode_group([symbols[i] for i in candidates])
+            coded = self._coder.encode_group([symbols[i] for i in candidates], self.context)
             llm_blocks = {
                 i: Block(BlockKind.LLM, 0, len(chunks[i]), payload, len(symbols[i]), crc32(chunks[i]))
                 for i, payload in zip(candidates, coded.payloads, strict=True)

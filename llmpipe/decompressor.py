@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from llmpipe.codec import LlmCoder
+from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.compressor import Stats
 from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_THREADS
 from llmpipe.engine import create_engine
@@ -33,6 +33,7 @@ from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, Mod
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
+    MAX_CONTEXT,
     MAX_ROWS,
     MAX_WINDOW,
     Block,
@@ -299,7 +300,8 @@ class Decompressor:
             prime = _header_field(header, "prime_token", int)
             if prime != coder.tokenizer.prime_token:
                 raise ModelMismatchError("archive uses a different prime token than this tokenizer")
-            symbol_lists = coder.decode_group([p.block.payload for p in llm], [p.block.token_count for p in llm])
+            payloads, counts = [p.block.payload for p in llm], [p.block.token_count for p in llm]
+            symbol_lists = coder.decode_group(payloads, counts, _context(header))
             for item, symbols in zip(llm, symbol_lists, strict=True):
                 try:
                     decoded[item.number] = coder.tokenizer.decode(symbols)
@@ -351,6 +353,7 @@ class _StreamLimits:
         if not 1 <= batch <= MAX_ROWS:
             raise ArchiveError(f"corrupt header: batch {batch} out of range")
         exact = _header_field(header, "numerics.engine", str) == "exact"
+        _context(header)
         return cls(min(batch * chunk_size, MAX_WINDOW), batch, decoder_batch if exact else 0)
 
     def flush_now(self, pending: list[_Pending]) -> bool:
@@ -366,6 +369,15 @@ class _StreamLimits:
         if not self.merge_rows:
             return bool(entry.flags & FLAG_GROUP_START)
         return sum(p.block.kind == BlockKind.LLM for p in pending) >= self.merge_rows
+
+
+def _context(header: dict) -> ContextWindow:
+    """The header's context window, checked (its bounds also bound the KV cache a decoder allocates)."""
+    window = _header_field(header, "context.window", int)
+    overlap = _header_field(header, "context.overlap", int)
+    if window == 0 and overlap == 0 or 0 < window <= MAX_CONTEXT and 1 <= overlap <= window - 2:
+        return ContextWindow(window, overlap)
+    raise ArchiveError(f"corrupt header: context window {window} with overlap {overlap}")
 
 
 def _blocks_to_read(

@@ -109,6 +109,10 @@ def cases(archive: bytes, other_model_archive: bytes) -> Iterator[Case]:
         ("model.weights_sha256", "0" * 64),
         ("numerics.engine", "quantum"),
         ("numerics", None),
+        ("context.window", -1),
+        ("context.window", 2**40),
+        ("context.overlap", 10**6),
+        ("context", None),
     ]:
         changed = json.loads(json.dumps(header))
         target = changed

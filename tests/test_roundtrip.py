@@ -3,14 +3,16 @@
 import io
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmpipe.codec import ContextWindow
 from llmpipe.compressor import Compressor, split_rows, utf8_safe_split
 from llmpipe.decompressor import Decompressor
 from llmpipe.errors import ArchiveError, ChecksumError, ModelMismatchError
-from tests.bad_archives import split_index
+from tests.bad_archives import split_header, split_index
 from tests.tiny_model import DATA
 
 TEXT = (DATA / "alice_chapter1.txt").read_bytes()
@@ -123,20 +125,58 @@ def test_float_numerics_round_trip(tiny_model):
     assert Decompressor(tiny_model).decompress(archive) == data
 
 
-def test_exact_payloads_are_independent_of_batch_and_threads(tiny_model):
+@pytest.mark.parametrize("context", [ContextWindow(), ContextWindow(40, 13)])
+def test_exact_payloads_are_independent_of_batch_and_threads(tiny_model, context):
     """A chunk's exact code does not depend on what it is batched with, nor on the thread count."""
     from llmpipe.codec import LlmCoder
     from llmpipe.engine.exact_engine import ExactEngine
 
     tokenizer = tiny_model.tokenizer
     rows = [tokenizer.encode(TEXT[a : a + 300]) for a in (0, 300, 900)]
-    together = LlmCoder(ExactEngine(tiny_model, threads=2), tokenizer).encode_group(rows).payloads
-    alone = LlmCoder(ExactEngine(tiny_model, threads=1), tokenizer).encode_group(rows[1:2]).payloads
+    together = LlmCoder(ExactEngine(tiny_model, threads=2), tokenizer).encode_group(rows, context).payloads
+    alone = LlmCoder(ExactEngine(tiny_model, threads=1), tokenizer).encode_group(rows[1:2], context).payloads
     assert alone[0] == together[1]
     decoded = LlmCoder(ExactEngine(tiny_model, threads=1), tokenizer).decode_group(
-        together[::-1], [len(r) for r in rows[::-1]]
+        together[::-1], [len(r) for r in rows[::-1]], context
     )
     assert decoded == rows[::-1]  # decoded in another order and batch than encoded
+
+
+@pytest.mark.parametrize("numerics", ["exact", "float"])
+@pytest.mark.parametrize("context, overlap", [(3, 1), (32, 8), (64, 62)])
+def test_sliding_context_window_round_trip(tiny_model, numerics, context, overlap):
+    """Chunks far longer than the window restart it many times; the decoder follows (also at another batch)."""
+    data = TEXT[:2000]
+    compressor = Compressor(
+        tiny_model, chunk_size=700, batch=3, threads=1, numerics=numerics, context=context, overlap=overlap
+    )
+    archive = compressor.compress(data)
+    assert split_header(archive)[0]["context"] == {"window": context, "overlap": overlap}
+    assert Decompressor(tiny_model, batch=1).decompress(archive) == data
+    assert Decompressor(tiny_model, batch=5).decompress(archive) == data
+
+
+def test_context_window_matches_its_definition(tiny_model):
+    """Encoder tables equal the model run on each symbol's context as FORMAT.md defines it, from scratch."""
+    from llmpipe.codec import LlmCoder
+    from llmpipe.engine.exact_engine import ExactEngine
+
+    tokenizer = tiny_model.tokenizer
+    engine = ExactEngine(tiny_model, threads=1)
+    symbols = tokenizer.encode(TEXT[:200])[:30]
+    context = ContextWindow(10, 4)
+    x = [tokenizer.prime_token] + [tokenizer.model_input(s) for s in symbols[:-1]]
+    starts = context.starts(len(x))
+    assert starts == [0, 10, 16, 22, 28]
+    coded = LlmCoder(engine, tokenizer).encode_group([symbols], context)
+    ideal = 0.0
+    for i, symbol in enumerate(symbols):
+        k = max(j for j, a in enumerate(starts) if a <= i)
+        seen = x[: i + 1] if k == 0 else [x[0]] + x[starts[k] - 3 : i + 1]
+        assert len(seen) <= 10
+        _, _, freq = list(engine.tables([seen], [len(seen) - 1]))[0]
+        ideal += float(np.log2(freq[0].sum().item() / freq[0, symbol].item()))
+    assert coded.ideal_bits[0] == pytest.approx(ideal, rel=1e-12)
 
 
 def test_unknown_exact_numerics_version_is_refused(compressor, tiny_model):

@@ -74,12 +74,13 @@ class ExactEngine:
         check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position)
         return LockstepSession(self._llama, rows, max_len)
 
-    def tables(self, inputs: list[list[int]]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def tables(self, inputs: list[list[int]], skips: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Score every position of every row in full-sequence passes.
 
         ``inputs[r]`` is the model input of row ``r`` (the prime token, then
-        all symbols but the last). Yields ``(row, first_position, freq)`` with
-        ``freq`` the tables of consecutive positions, in row order.
+        symbols); its first ``skips[r]`` positions are context only. Yields
+        ``(row, first, freq)`` with ``freq`` the tables of consecutive scored
+        positions from ``skips[r] + first``, in row order.
         """
         r = 0
         while r < len(inputs):
@@ -93,8 +94,9 @@ class ExactEngine:
                 rows, scales = self._llama.hidden(torch.tensor(padded, dtype=torch.long), cache)
                 for j, i in enumerate(batch):
                     n = len(inputs[i])
-                    for a in range(0, n, HEAD_SLICE):
+                    for a in range(skips[i], n, HEAD_SLICE):
                         b = min(n, a + HEAD_SLICE)
                         part = slice(j * width + a, j * width + b)
-                        yield i, a, frequency_tables(self._llama.logits(rows[part], scales[part]), ESCAPE_SYMBOLS)
+                        freq = frequency_tables(self._llama.logits(rows[part], scales[part]), ESCAPE_SYMBOLS)
+                        yield i, a - skips[i], freq
             r += len(batch)

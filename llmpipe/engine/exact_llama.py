@@ -247,6 +247,10 @@ class ExactLlama:
         """Final logits (M, V) float32 for rows returned by :meth:`hidden`."""
         return self.lm_head(rows, scales)
 
+    def prefill(self, tokens: torch.Tensor, cache: ExactKVCache) -> None:
+        """Run ``tokens`` (B, T) into ``cache`` only (no logits)."""
+        self.hidden(tokens, cache)
+
     def forward(self, tokens: torch.Tensor, cache: ExactKVCache) -> torch.Tensor:
         """Logits (B, T, V) for ``tokens`` (B, T) after what ``cache`` holds."""
         return self.logits(*self.hidden(tokens, cache)).view(*tokens.shape, -1)

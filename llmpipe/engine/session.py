@@ -9,6 +9,9 @@ import torch
 from llmpipe.coder.frequencies import frequency_tables
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
+PREFILL_TOKENS = 1024
+"""Tokens (rows x positions) one prefill pass handles."""
+
 
 class CachedModel(Protocol):
     """A network with a preallocated KV cache (``models.llama.Llama``, ``engine.exact_llama.ExactLlama``)."""
@@ -16,6 +19,8 @@ class CachedModel(Protocol):
     def new_cache(self, batch: int, max_len: int) -> object: ...
 
     def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor: ...
+
+    def prefill(self, tokens: torch.Tensor, cache) -> None: ...
 
 
 class LockstepSession:
@@ -31,3 +36,17 @@ class LockstepSession:
         with torch.inference_mode():
             logits = self._model.forward(tokens, self._cache)  # (B, 1, V)
         return frequency_tables(logits[:, 0], ESCAPE_SYMBOLS)
+
+    def restart(self, prefixes: list[list[int]]) -> None:
+        """Empty the cache and fill it with ``prefixes`` (one per row, equal lengths): a re-primed window.
+
+        The prefixes go in slices of positions so that one pass holds about
+        :data:`PREFILL_TOKENS` tokens (bigger passes run slower, from the
+        size of their temporaries).
+        """
+        self._cache.length = 0
+        tokens = torch.tensor(prefixes, dtype=torch.long)  # (B, T)
+        width = max(1, PREFILL_TOKENS // len(prefixes))
+        with torch.inference_mode():
+            for a in range(0, tokens.shape[1], width):
+                self._model.prefill(tokens[:, a : a + width], self._cache)

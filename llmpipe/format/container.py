@@ -31,6 +31,7 @@ MAX_HEADER_BYTES = 16 << 20  # compressed and decompressed header size limit
 MAX_CHUNK_SIZE = 16 << 20  # largest chunk size a header may declare
 MAX_WINDOW = 256 << 20  # largest window (batch x chunk size), and so the largest block
 MAX_ROWS = 4096  # largest lockstep group
+MAX_CONTEXT = 1 << 20  # largest context window a header may declare (tokens)
 MAX_INDEX_BYTES = 1 << 30  # largest index a reader loads (about 100 million blocks)
 FOOTER_SIZE = 16
 _VARINT_MAX_BYTES = 9

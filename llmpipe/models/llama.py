@@ -102,7 +102,11 @@ class Llama:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, cache: KVCache) -> None:
+        """Run ``tokens`` (B, T) into ``cache`` only (no logits)."""
+        self.forward(tokens, cache, logits=False)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, logits: bool = True) -> torch.Tensor:
         """Logits for ``tokens`` (B, T) appended after what ``cache`` holds; returns (B, T, V)."""
         cfg = self.config
         b, t = tokens.shape
@@ -134,6 +138,8 @@ class Llama:
             h = self._rms_norm(x, layer["mlp_norm"])
             x = x + F.linear(F.silu(F.linear(h, layer["gate"])) * F.linear(h, layer["up"]), layer["down"])
         cache.length = end
+        if not logits:
+            return x
         return F.linear(self._rms_norm(x, self.final_norm), self.lm_head)  # (B, T, V)
 
 
