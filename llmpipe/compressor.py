@@ -277,12 +277,17 @@ class Compressor:
                 blocks.append(self._plain_block(b"".join(plain_run)))
                 plain_run = []
             blocks.append(llm_blocks[i])
-            stats.llm_input_bytes += len(chunk)
+        if plain_run:
+            blocks.append(self._plain_block(b"".join(plain_run)))
+        if chosen and len(blocks) > 1:  # LLM rows cut zstd's runs apart: keep them only if that still pays
+            whole = self._plain_block(window)
+            if len(whole.to_bytes()) <= sum(len(b.to_bytes()) for b in blocks):
+                return [whole]
+        for i in sorted(chosen):
+            stats.llm_input_bytes += len(chunks[i])
             stats.llm_payload_bytes += len(llm_blocks[i].payload)
             stats.llm_symbols += llm_blocks[i].token_count
             stats.ideal_bits += ideal[i]
-        if plain_run:
-            blocks.append(self._plain_block(b"".join(plain_run)))
         return blocks
 
     def _plain_block(self, data: bytes) -> Block:

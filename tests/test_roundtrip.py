@@ -234,3 +234,16 @@ def test_a_batch_too_large_for_the_kv_budget_is_refused_up_front(tiny_model, mon
     monkeypatch.setattr(memory, "KV_CACHE_LIMIT", 1 << 20)
     with pytest.raises(UsageError, match=r"--batch 64 with --chunk-size 2048: .* GiB of KV cache, over the"):
         Compressor(tiny_model, chunk_size=2048, batch=64)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_window_never_costs_more_than_storing_it_plain(tiny_model, seed):
+    """Mixed input (random bytes around text): the blocks together never outweigh one zstd/raw block."""
+    noise = random.Random(seed).randbytes(300)
+    data = noise + TEXT[:400] + noise  # zstd sees the repeat only if the noise stays in one block
+    compressor = Compressor(tiny_model, chunk_size=CHUNK, batch=8, threads=1)
+    archive = compressor.compress(data)
+    assert Decompressor(tiny_model).decompress(archive) == data
+    before_index, header_size = split_index(archive)[0], split_index(archive)[1]
+    plain = compressor._plain_block(data).to_bytes()
+    assert len(before_index) - header_size <= len(plain)
