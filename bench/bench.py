@@ -457,13 +457,11 @@ def report(args: argparse.Namespace) -> None:
                 f"{run_data.get('context', {'window': 0, 'overlap': 0})} tokens (window 0: the whole chunk). "
                 "Famous texts (*) are probably in the model's training data."
             )
-            lines.append("")
-            lines.append(
+            lines += _table_head(
                 "| file | bytes | llmpipe bpb | ideal bpb | coder overhead | "
                 + " | ".join(names)
                 + " | compress KB/s | decompress KB/s |"
             )
-            lines.append("|---|---|---|---|---|" + "---|" * len(names) + "---|---|")
             for r in run_data["rows"]:
                 star = "*" if Path(r["file"]).name in FAMOUS else ""
                 ideal = f"{r['ideal_bpb']:.3f}" if r["ideal_bpb"] else "-"
@@ -478,9 +476,7 @@ def report(args: argparse.Namespace) -> None:
                 f"Matrix products on {run_data['threads']} threads: float32 GEMM against exact int8 `torch._int_mm` "
                 "(GMAC/s = 10^9 multiply-adds per second)."
             )
-            lines.append("")
-            lines.append("| rows x reduction x outputs | int8 ms | int8 GMAC/s | fp32 ms | fp32 GMAC/s |")
-            lines.append("|---|---|---|---|---|")
+            lines += _table_head("| rows x reduction x outputs | int8 ms | int8 GMAC/s | fp32 ms | fp32 GMAC/s |")
             for r in run_data["rows"]:
                 i8, f32 = r["int8"], r["fp32"]
                 lines.append(
@@ -494,12 +490,10 @@ def report(args: argparse.Namespace) -> None:
                 "its difference is the cost of exact integer arithmetic (whole-archive bpb also differs by "
                 "the float header's longer machine fingerprint)."
             )
-            lines.append("")
-            lines.append(
+            lines += _table_head(
                 "| file | bytes | exact bpb | float bpb | exact LLM bpb | float LLM bpb | exact vs float (LLM) | "
                 "exact compress KB/s | float compress KB/s |"
             )
-            lines.append("|---|---|---|---|---|---|---|---|---|")
             for r in run_data["rows"]:
                 exact, flt = r["exact"], r["float"]
                 lines.append(
@@ -515,12 +509,10 @@ def report(args: argparse.Namespace) -> None:
                 "1.01 x zstd + framing. *libzstd* is level 19 through the library llmpipe links (python-zstandard), "
                 "whose version can differ from the command's."
             )
-            lines.append("")
-            lines.append(
+            lines += _table_head(
                 "| file | bytes | llmpipe bytes | zstd -19 bytes | libzstd bytes | framing | within goal (zstd) | "
                 "within goal (libzstd) | blocks llm/zstd/raw |"
             )
-            lines.append("|---|---|---|---|---|---|---|---|---|")
             for r in run_data["rows"]:
                 b = r["blocks"]
                 lines.append(
@@ -545,9 +537,9 @@ def report(args: argparse.Namespace) -> None:
                 f"from step times measured in the same run (cache length: {steps}) and prefill at "
                 f"{run_data['prefill_ms_per_token']:.2f} ms per row-token for each restart."
             )
-            lines.append("")
-            lines.append("| chunk | window | overlap | bpb | ideal bpb | compress KB/s | modelled decompress KB/s |")
-            lines.append("|---|---|---|---|---|---|---|")
+            lines += _table_head(
+                "| chunk | window | overlap | bpb | ideal bpb | compress KB/s | modelled decompress KB/s |"
+            )
             for r in run_data["rows"]:
                 lines.append(
                     f"| {r['chunk_size']} | {r['window']} | {r['overlap']} | {r['bpb']:.3f} | {r['ideal_bpb']:.3f} | "
@@ -562,9 +554,7 @@ def report(args: argparse.Namespace) -> None:
                 f"**{passed} of {len(rows)} identical**. bpb includes the stream header "
                 "(about 340 bytes with exact numerics)."
             )
-            lines.append("")
-            lines.append("| file | bytes | identical | bpb | seconds (both directions) |")
-            lines.append("|---|---|---|---|---|")
+            lines += _table_head("| file | bytes | identical | bpb | seconds (both directions) |")
             for r in rows:
                 ok = "yes" if r["ok"] else "NO"
                 lines.append(f"| {r['file']} | {r['bytes']} | {ok} | {r['bpb']:.3f} | {r['seconds']:.1f} |")
@@ -573,9 +563,7 @@ def report(args: argparse.Namespace) -> None:
                 f"Chunk size sweep on the first {run_data['rows'][0]['bytes']} bytes of `{run_data['file']}`, "
                 "batch = chunks in the input (one lockstep group)."
             )
-            lines.append("")
-            lines.append("| chunk size | batch | bpb | ideal bpb | compress KB/s | decompress KB/s |")
-            lines.append("|---|---|---|---|---|---|")
+            lines += _table_head("| chunk size | batch | bpb | ideal bpb | compress KB/s | decompress KB/s |")
             for r in run_data["rows"]:
                 lines.append(
                     f"| {r['chunk_size']} | {r['batch']} | {r['bpb']:.3f} | {r['ideal_bpb']:.3f} | "
@@ -587,6 +575,11 @@ def report(args: argparse.Namespace) -> None:
         lines.append(notes.read_text())
     Path(args.write).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.write}")
+
+
+def _table_head(header: str) -> list[str]:
+    """A blank line, the Markdown table header and its separator (one ``---`` per column)."""
+    return ["", header, "|" + "---|" * (header.count("|") - 1)]
 
 
 def _kb_s(value: float | None) -> str:

@@ -27,6 +27,7 @@ import torch
 
 from llmpipe.coder.frequencies import code_positions, find_symbols
 from llmpipe.coder.range_coder import RangeDecoder, RangeEncoder
+from llmpipe.format.container import MAX_CONTEXT
 from llmpipe.tokenization import ByteTokenizer
 
 
@@ -67,8 +68,14 @@ class ContextWindow:
     overlap: int = 0
 
     def __post_init__(self) -> None:
-        if self.window and not 1 <= self.overlap <= self.window - 2:
-            raise ValueError(f"overlap must be 1..window-2 (window {self.window}, overlap {self.overlap})")
+        """The bounds of FORMAT.md section 5, the one place they are checked (they also bound the KV cache)."""
+        if self.window == 0 and self.overlap == 0:
+            return
+        if not 3 <= self.window <= MAX_CONTEXT or not 1 <= self.overlap <= self.window - 2:
+            raise ValueError(
+                f"context window {self.window} with overlap {self.overlap}: the window must be 0 "
+                f"or 3..{MAX_CONTEXT} tokens and the overlap 1..window-2"
+            )
 
     def starts(self, length: int) -> list[int]:
         """``a_0, a_1, ...`` below ``length``."""
@@ -170,4 +177,4 @@ class LlmCoder:
             live = [r for r in range(rows) if step < counts[r]]
             yield step, live, session.step([h[step] for h in history])
             for r in range(rows):
-                history[r].append(self.tokenizer.model_input(symbol_at(step, r)) if r in live else prime)
+                history[r].append(self.tokenizer.model_input(symbol_at(step, r)) if step < counts[r] else prime)

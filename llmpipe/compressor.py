@@ -29,7 +29,6 @@ from llmpipe.errors import ArchiveError, LlmpipeError, TruncatedArchiveError, Us
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
-    MAX_CONTEXT,
     MAX_ROWS,
     MAX_WINDOW,
     Block,
@@ -132,9 +131,10 @@ class Compressor:
             raise UsageError(f"batch x chunk size must stay within {MAX_WINDOW >> 20} MiB")
         if not 1 <= threads <= 256:
             raise UsageError("threads must be between 1 and 256")
-        if context and not (1 <= overlap <= context - 2 and context <= MAX_CONTEXT):
-            raise UsageError(f"--context must be 0 or 3..{MAX_CONTEXT} tokens, and --overlap 1..context-2")
-        self.context = ContextWindow(context, overlap if context else 0)
+        try:
+            self.context = ContextWindow(context, overlap if context else 0)
+        except ValueError as exc:
+            raise UsageError(f"--context {context} --overlap {overlap}: {exc}") from None
         self.model = model if isinstance(model, LoadedModel) else cache.load(model)
         self.chunk_size = chunk_size
         self.batch = batch
@@ -200,7 +200,7 @@ class Compressor:
         except ArchiveError as exc:
             raise UsageError(f"{name}: cannot resume from it ({exc})") from None
         mine = self.header()
-        differ = sorted(k for k in set(mine) | set(header or {}) if k != "llmpipe" and mine.get(k) != header.get(k))
+        differ = sorted(k for k in set(mine) | set(header) if k != "llmpipe" and mine.get(k) != header.get(k))
         if differ:
             raise UsageError(f"{name}: made with other settings ({', '.join(differ)}); cannot resume it")
         tracker = GroupTracker(self.batch)

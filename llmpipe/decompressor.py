@@ -33,7 +33,6 @@ from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, Mod
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
-    MAX_CONTEXT,
     MAX_ROWS,
     MAX_WINDOW,
     Block,
@@ -189,7 +188,7 @@ class Decompressor:
         base = 0  # original offset where the current stream starts
         while (header := reader.read_stream_header(first)) is not None:
             first = False
-            limits = _StreamLimits.of(header, self._batch)
+            limits = _StreamSettings.of(header, self._batch)
             tracker = GroupTracker(limits.batch)
             pending: list[_Pending] = []  # blocks held until their group is complete (and merged)
             while True:
@@ -199,17 +198,17 @@ class Decompressor:
                         tracker.add(block, reader.blocks)
                 except ArchiveError:
                     if limits.merge_rows:  # exact blocks decode alone: keep every complete one
-                        yield from self._decode(pending, header, stats, keep_going)
+                        yield from self._decode(pending, limits, stats, keep_going)
                     raise
                 finally:
                     stats.output_bytes = reader.offset
                 if block is None:
-                    yield from self._decode(pending, header, stats, keep_going)
+                    yield from self._decode(pending, limits, stats, keep_going)
                     break
                 offset = base + reader.total - block.original_size
                 pending.append(_Pending(reader.blocks, offset, block, (offset, offset + block.original_size)))
                 if not tracker.open and limits.flush_now(pending):
-                    yield from self._decode(pending, header, stats, keep_going)
+                    yield from self._decode(pending, limits, stats, keep_going)
                     pending = []
             base += reader.total
 
@@ -235,19 +234,15 @@ class Decompressor:
         streams = read_archive_index(source, name)
         end = sum(s.original_size for s in streams) if end is None else end
         for stream in streams:
-            limits = _StreamLimits.of(stream.header, self._batch)
+            limits = _StreamSettings.of(stream.header, self._batch)
             needed = _blocks_to_read(stream.blocks, start, end, float_groups=not limits.merge_rows)
             pending: list[_Pending] = []
             for entry, wanted in needed:
                 if pending and limits.flush_before(entry, pending):
-                    self._write(self._decode(pending, stream.header, stats, keep_going), sink, stats, progress)
+                    self._write(self._decode(pending, limits, stats, keep_going), sink, stats, progress)
                     pending = []
-                source.seek(entry.offset)
-                reader = ContainerReader(source, name, entry.offset)
                 try:
-                    block = reader.read_block(limits.max_size, limits.batch)
-                    if block is None or reader.offset - entry.offset != entry.stored_size:
-                        raise ArchiveError("the index does not point at a block of its size")
+                    block = _read_indexed_block(source, name, entry, limits)
                 except ArchiveError as exc:
                     where = _where(entry.number, entry.original_offset, entry.original_size)
                     if not keep_going:
@@ -257,7 +252,7 @@ class Decompressor:
                 stats.output_bytes += entry.stored_size
                 clip = (max(start, entry.original_offset), min(end, entry.original_offset + entry.original_size))
                 pending.append(_Pending(entry.number, entry.original_offset, block, clip if wanted else None))
-            self._write(self._decode(pending, stream.header, stats, keep_going), sink, stats, progress)
+            self._write(self._decode(pending, limits, stats, keep_going), sink, stats, progress)
         stats.seconds = time.perf_counter() - started
         _raise_if_damaged(stats)
         return stats
@@ -271,14 +266,13 @@ class Decompressor:
         have = existing.seek(0, io.SEEK_END)
         prefix = 0
         for stream in read_archive_index(source, name):
-            limits = _StreamLimits.of(stream.header, self._batch)
+            limits = _StreamSettings.of(stream.header, self._batch)
             for entry in stream.blocks:
                 if entry.original_offset + entry.original_size > have:
                     return prefix
-                source.seek(entry.offset)
-                block = ContainerReader(source, name, entry.offset).read_block(limits.max_size, limits.batch)
+                block = _read_indexed_block(source, name, entry, limits)
                 existing.seek(entry.original_offset)
-                if block is None or crc32(existing.read(entry.original_size)) != block.checksum:
+                if crc32(existing.read(entry.original_size)) != block.checksum:
                     return prefix
                 prefix = entry.original_offset + entry.original_size
         return prefix
@@ -291,17 +285,19 @@ class Decompressor:
         if progress:
             progress(stats)
 
-    def _decode(self, pending: list[_Pending], header: dict, stats: Stats, keep_going: bool) -> Iterator[bytes]:
+    def _decode(
+        self, pending: list[_Pending], stream: _StreamSettings, stats: Stats, keep_going: bool
+    ) -> Iterator[bytes]:
         """Decode held blocks (LLM ones as one batch) and yield each wanted block's verified bytes in order."""
         llm = [p for p in pending if p.block.kind == BlockKind.LLM]
         decoded: dict[int, bytes] = {}
         if llm:
-            coder = self._coder_for(header)
-            prime = _header_field(header, "prime_token", int)
+            coder = self._coder_for(stream.header)
+            prime = _header_field(stream.header, "prime_token", int)
             if prime != coder.tokenizer.prime_token:
                 raise ModelMismatchError("archive uses a different prime token than this tokenizer")
             payloads, counts = [p.block.payload for p in llm], [p.block.token_count for p in llm]
-            symbol_lists = coder.decode_group(payloads, counts, _context(header))
+            symbol_lists = coder.decode_group(payloads, counts, stream.context)
             for item, symbols in zip(llm, symbol_lists, strict=True):
                 try:
                     decoded[item.number] = coder.tokenizer.decode(symbols)
@@ -336,15 +332,17 @@ class Decompressor:
 
 
 @dataclass
-class _StreamLimits:
-    """What a stream header allows, checked before any block is read."""
+class _StreamSettings:
+    """A stream's header and what it allows, checked before any block is read."""
 
+    header: dict
     max_size: int  # largest block
     batch: int  # largest group
     merge_rows: int  # rows decoded together for exact numerics; 0 for float (decode the coded groups)
+    context: ContextWindow
 
     @classmethod
-    def of(cls, header: dict, decoder_batch: int) -> _StreamLimits:
+    def of(cls, header: dict, decoder_batch: int) -> _StreamSettings:
         chunk_size = _header_field(header, "chunk_size", int)
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ArchiveError(f"corrupt header: chunk size {chunk_size}")
@@ -353,8 +351,13 @@ class _StreamLimits:
         if not 1 <= batch <= MAX_ROWS:
             raise ArchiveError(f"corrupt header: batch {batch} out of range")
         exact = _header_field(header, "numerics.engine", str) == "exact"
-        _context(header)
-        return cls(min(batch * chunk_size, MAX_WINDOW), batch, decoder_batch if exact else 0)
+        window = _header_field(header, "context.window", int)
+        overlap = _header_field(header, "context.overlap", int)
+        try:
+            context = ContextWindow(window, overlap)
+        except ValueError as exc:
+            raise ArchiveError(f"corrupt header: {exc}") from None
+        return cls(header, min(batch * chunk_size, MAX_WINDOW), batch, decoder_batch if exact else 0, context)
 
     def flush_now(self, pending: list[_Pending]) -> bool:
         """Front to back, after a group closed: flush a full batch, plain blocks at once, and never hold
@@ -371,13 +374,14 @@ class _StreamLimits:
         return sum(p.block.kind == BlockKind.LLM for p in pending) >= self.merge_rows
 
 
-def _context(header: dict) -> ContextWindow:
-    """The header's context window, checked (its bounds also bound the KV cache a decoder allocates)."""
-    window = _header_field(header, "context.window", int)
-    overlap = _header_field(header, "context.overlap", int)
-    if window == 0 and overlap == 0 or 0 < window <= MAX_CONTEXT and 1 <= overlap <= window - 2:
-        return ContextWindow(window, overlap)
-    raise ArchiveError(f"corrupt header: context window {window} with overlap {overlap}")
+def _read_indexed_block(source: BinaryIO, name: str, entry: BlockEntry, limits: _StreamSettings) -> Block:
+    """The block the index entry points at, its header checked, and of the size the index says."""
+    source.seek(entry.offset)
+    reader = ContainerReader(source, name, entry.offset)
+    block = reader.read_block(limits.max_size, limits.batch)
+    if block is None or reader.offset - entry.offset != entry.stored_size:
+        raise ArchiveError("the index does not point at a block of its size")
+    return block
 
 
 def _blocks_to_read(
