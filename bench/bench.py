@@ -2,6 +2,7 @@
 
     python bench/bench.py run  --name main  [--bytes N] [--chunk-size B] [--batch N] [--numerics exact|float] [FILE ...]
     python bench/bench.py numerics --name numerics [--bytes N] [FILE ...]
+    python bench/bench.py mixing --name mixing [--bytes N] [FILE ...]
     python bench/bench.py roofline --name roofline
     python bench/bench.py backup --name backup [--bytes N]
     python bench/bench.py sweep --name chunks --file enwik/enwik8_first_1000000 --bytes N
@@ -167,6 +168,39 @@ def compare_numerics(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     save(args.name, {"kind": "numerics", "model": model.name, "rows": rows})
+
+
+MIXING_FILES = [*DEFAULT_FILES[:4], "calgary/news"]
+
+
+def compare_mixing(args: argparse.Namespace) -> None:
+    """What the history mixer buys: the same slices coded with ``mixer`` on and off (compression only).
+
+    The slice is cut into rows of the default chunk size, as a long input is
+    (a short one is cut into rows of 2 KB, where the history has less to give).
+    """
+    model = cache.load(args.model)
+    rows = []
+    for relative in args.files or MIXING_FILES:
+        path = CORPUS / relative
+        if not path.exists():
+            print(f"skip {relative}: ../shared/corpus not available")
+            continue
+        data = path.read_bytes()[: args.bytes]
+        row: dict = {"file": relative, "bytes": len(data)}
+        for label, mixing in (("on", True), ("off", False)):
+            batch = max(1, -(-len(data) // DEFAULT_CHUNK_SIZE))
+            compressor = Compressor(model, batch=batch, threads=args.threads, mixing=mixing)
+            sink = io.BytesIO()
+            stats = compressor.compress_stream(io.BytesIO(data), sink)
+            row[label] = {
+                "bpb": 8 * len(sink.getvalue()) / len(data),
+                "llm_bpb": 8 * stats.llm_payload_bytes / stats.llm_input_bytes if stats.llm_input_bytes else None,
+                "compress_kb_s": len(data) / 1024 / stats.seconds,
+            }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    save(args.name, {"kind": "mixing", "model": model.name, "chunk_size": DEFAULT_CHUNK_SIZE, "rows": rows})
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -502,6 +536,24 @@ def report(args: argparse.Namespace) -> None:
                     f"{100 * (exact['llm_bpb'] / flt['llm_bpb'] - 1):+.2f}% | {exact['compress_kb_s']:.2f} | "
                     f"{flt['compress_kb_s']:.2f} |"
                 )
+        elif run_data["kind"] == "mixing":
+            lines.append(
+                "The history mixer (n-gram orders 1-6 and a match model over each row, mixed with the model's "
+                f"tables online; FORMAT.md section 5) on and off, rows of {run_data['chunk_size']} bytes, exact "
+                "numerics, other settings default. *LLM bpb* counts the range-coded payloads over the bytes they "
+                "hold. alice29.txt and book1 are famous texts the model may have memorised."
+            )
+            lines += _table_head(
+                "| file | bytes | bpb mixer on | bpb mixer off | LLM bpb on | LLM bpb off | gain (LLM) | "
+                "compress KB/s on | compress KB/s off |"
+            )
+            for r in run_data["rows"]:
+                on, off = r["on"], r["off"]
+                lines.append(
+                    f"| {r['file']} | {r['bytes']} | {on['bpb']:.4f} | {off['bpb']:.4f} | {on['llm_bpb']:.4f} | "
+                    f"{off['llm_bpb']:.4f} | {100 * (1 - on['llm_bpb'] / off['llm_bpb']):.2f}% | "
+                    f"{on['compress_kb_s']:.2f} | {off['compress_kb_s']:.2f} |"
+                )
         elif run_data["kind"] == "backup":
             lines.append(
                 "Binary files (first bytes of each) against the `zstd -19` command on the same bytes. *framing* "
@@ -589,7 +641,7 @@ def _kb_s(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "numerics", "sweep", "roundtrip", "roofline", "backup", "context"):
+    for name in ("run", "numerics", "mixing", "sweep", "roundtrip", "roofline", "backup", "context"):
         p = sub.add_parser(name)
         p.add_argument("--name", required=True)
         p.add_argument("--model", default=None)
@@ -602,6 +654,7 @@ def main() -> None:
     runner.add_argument("--compress-only", action="store_true", help="skip the (slower) decompression")
     runner.add_argument("files", nargs="*")
     sub.choices["numerics"].add_argument("files", nargs="*")
+    sub.choices["mixing"].add_argument("files", nargs="*")
     sub.choices["roundtrip"].add_argument("--chunk-size", type=int, default=512)
     sub.choices["roundtrip"].add_argument("--batch", type=int, default=DEFAULT_BATCH)
     sub.choices["context"].add_argument("--file", default="enwik/enwik8_first_1000000")
@@ -613,6 +666,7 @@ def main() -> None:
     commands = {
         "run": run,
         "numerics": compare_numerics,
+        "mixing": compare_mixing,
         "sweep": sweep,
         "roundtrip": roundtrip,
         "roofline": roofline,

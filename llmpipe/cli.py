@@ -110,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         help="exact: integer arithmetic, decodes on any machine (default); "
         "float: float32, decodes only where the machine and settings match",
     )
+    p.add_argument(
+        "--mixer",
+        choices=("ngram-match", "none"),
+        default="ngram-match",
+        help="mix the model with n-gram and match models of each chunk's own history (default %(default)s)",
+    )
     return p
 
 
@@ -325,6 +331,7 @@ def _compress_work(args: argparse.Namespace):
         numerics=args.numerics,
         context=args.context,
         overlap=args.overlap,
+        mixing=args.mixer != "none",
     )
 
     def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:

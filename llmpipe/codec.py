@@ -28,6 +28,7 @@ import torch
 from llmpipe.coder.frequencies import code_positions, find_symbols
 from llmpipe.coder.range_coder import RangeDecoder, RangeEncoder
 from llmpipe.format.container import MAX_CONTEXT
+from llmpipe.mixer import RowHistory, learn_step, mix_step, mix_tables, predict_step
 from llmpipe.tokenization import ByteTokenizer
 
 
@@ -112,8 +113,10 @@ class LlmCoder:
         """``x_0..x_{t-1}``: the prime token, then each symbol's model input but the last's."""
         return [self.tokenizer.prime_token] + [self.tokenizer.model_input(s) for s in sequence[:-1]]
 
-    def encode_group(self, sequences: list[list[int]], context: ContextWindow) -> EncodedGroup:
+    def encode_group(self, sequences: list[list[int]], context: ContextWindow, mixing: bool) -> EncodedGroup:
+        """Code each sequence into its own payload; ``mixing`` mixes in each row's history model (``mixer``)."""
         encoders = [RangeEncoder() for _ in sequences]
+        histories = [RowHistory() for _ in sequences] if mixing else None
         ideal = [0.0] * len(sequences)
 
         def code(row: int, starts: list[int], sizes: list[int], totals: list[int]) -> None:
@@ -137,27 +140,42 @@ class LlmCoder:
                     skips.append(len(segment) - (b - a))
             for index, first, freq in self.engine.tables(inputs, skips):
                 row, a = segments[index]
-                symbols = torch.tensor(sequences[row][a + first : a + first + len(freq)])
-                code(row, *code_positions(freq, symbols))
+                run = sequences[row][a + first : a + first + len(freq)]
+                if histories:
+                    freq = histories[row].mix_run(freq, run)
+                code(row, *code_positions(freq, torch.tensor(run)))
         else:  # replay the decoder's schedule exactly
             counts = [len(s) for s in sequences]
             for step, live, freq in self._lockstep(counts, context, lambda step, r: sequences[r][step]):
-                symbols = torch.tensor([sequences[r][step] for r in live])
-                starts, sizes, totals = code_positions(freq[live], symbols)
+                run = [sequences[r][step] for r in live]
+                table = freq[live]
+                if histories:
+                    table = mix_step(table, [histories[r] for r in live], run)
+                starts, sizes, totals = code_positions(table, torch.tensor(run))
                 for k, r in enumerate(live):
                     code(r, [starts[k]], [sizes[k]], [totals[k]])
         return EncodedGroup([e.finish() for e in encoders], ideal)
 
-    def decode_group(self, payloads: list[bytes], counts: list[int], context: ContextWindow) -> list[list[int]]:
+    def decode_group(
+        self, payloads: list[bytes], counts: list[int], context: ContextWindow, mixing: bool
+    ) -> list[list[int]]:
         """Decode a group one position per step, all rows together through the KV cache."""
         decoders = [RangeDecoder(p) for p in payloads]
         sequences: list[list[int]] = [[] for _ in payloads]
+        histories = [RowHistory() for _ in payloads] if mixing else None
         for _step, live, freq in self._lockstep(counts, context, lambda step, r: sequences[r][step]):
 
             def targets_for(totals: list[int], live: list[int] = live) -> list[int]:
                 return [decoders[r].target(total) for r, total in zip(live, totals, strict=True)]
 
-            symbols, starts, sizes = find_symbols(freq[live], targets_for)
+            table = freq[live]
+            if histories:
+                live_histories = [histories[r] for r in live]
+                predictions = predict_step(table, live_histories)
+                symbols, starts, sizes = find_symbols(mix_tables(table.clone(), predictions), targets_for)
+                learn_step(table, live_histories, predictions, symbols)
+            else:
+                symbols, starts, sizes = find_symbols(table, targets_for)
             for r, symbol, start, size in zip(live, symbols, starts, sizes, strict=True):
                 decoders[r].consume(start, size)
                 sequences[r].append(symbol)
@@ -178,3 +196,4 @@ class LlmCoder:
             yield step, live, session.step([h[step] for h in history])
             for r in range(rows):
                 history[r].append(self.tokenizer.model_input(symbol_at(step, r)) if step < counts[r] else prime)
+

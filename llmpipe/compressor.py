@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from llmpipe import __version__
+from llmpipe import __version__, mixer
 from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
 from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_THREADS
@@ -122,6 +122,7 @@ class Compressor:
         numerics: str = "exact",
         context: int = DEFAULT_CONTEXT,
         overlap: int = DEFAULT_OVERLAP,
+        mixing: bool = True,
     ) -> None:
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
@@ -138,6 +139,7 @@ class Compressor:
         self.model = model if isinstance(model, LoadedModel) else cache.load(model)
         self.chunk_size = chunk_size
         self.batch = batch
+        self.mixing = mixing
         self.threads = threads
         engine = create_engine(numerics, self.model, threads, batch)
         # a row never has more symbols than chunk_size, nor a context more than the window
@@ -158,6 +160,7 @@ class Compressor:
             "coder": {"name": "range64", "freq_bits": FREQ_BITS, "escape_symbols": ESCAPE_SYMBOLS},
             "batch": self.batch,
             "context": self.context.record(),
+            "mixer": mixer.record(self.mixing),
             "numerics": self._coder.engine.numerics(),
             "steering": None,
         }
@@ -251,7 +254,7 @@ class Compressor:
         llm_blocks: dict[int, Block] = {}
         ideal: dict[int, float] = {}
         while candidates:
-            coded = self._coder.encode_group([symbols[i] for i in candidates], self.context)
+            coded = self._coder.encode_group([symbols[i] for i in candidates], self.context, self.mixing)
             llm_blocks = {
                 i: Block(BlockKind.LLM, 0, len(chunks[i]), payload, len(symbols[i]), crc32(chunks[i]))
                 for i, payload in zip(candidates, coded.payloads, strict=True)

@@ -45,6 +45,8 @@ def _stream(stream: StreamIndex, blocks: bool) -> dict:
         "numerics": header.get("numerics"),
         "chunk_size": header.get("chunk_size"),
         "batch": header.get("batch"),
+        "context": header.get("context"),
+        "mixer": header.get("mixer"),
         "steering": header.get("steering"),
         "steering_bytes": 0,  # no steering vector is stored yet (the header field is null)
         "header_bytes": stream.header_size,
@@ -98,10 +100,13 @@ def _details(streams: list[dict]) -> list[str]:
     lines = []
     for k, s in enumerate(streams, 1):
         numerics = s["numerics"] or {}
+        context = s["context"] if isinstance(s["context"], dict) else {}
+        mixer = s["mixer"] if isinstance(s["mixer"], dict) else {}
         lines.append(
             f"  stream {k}: model {s['model']} (weights {str(s['weights_sha256'])[:12]}...), "
             f"numerics {numerics.get('engine')} v{numerics.get('version', '-')}, chunk {s['chunk_size']}, "
-            f"batch {s['batch']}, steering {s['steering'] or 'none'} ({s['steering_bytes']} bytes), "
+            f"batch {s['batch']}, context {context.get('window')}/{context.get('overlap')}, "
+            f"mixer {mixer.get('name', 'none')}, steering {s['steering'] or 'none'} ({s['steering_bytes']} bytes), "
             f"header {s['header_bytes']} + index {s['index_bytes']} bytes"
         )
         for b in s.get("block_list", []):

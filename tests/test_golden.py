@@ -8,10 +8,18 @@ from tests.tiny_model import DATA
 SOURCE = (DATA / "alice_chapter1.txt").read_bytes()[:3000] + b"\xff\x00<|im_start|>\r\n" + bytes(range(256))
 
 
+ABOUT = (
+    "tests/data/alice_chapter1.txt, first 3000 bytes, plus invalid UTF-8, NUL, special-token text and all 256 "
+    "byte values; tests/data/tiny-llama, chunk size 256, batch 4, exact numerics v1"
+)
+
+
 def test_golden_archive(tiny_model):
-    about = (
-        "tests/data/alice_chapter1.txt, first 3000 bytes, plus invalid UTF-8, NUL, special-token text and all 256 "
-        "byte values; tests/data/tiny-llama, chunk size 256, batch 4, exact numerics v1"
-    )
     compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1)
-    check_golden("tiny_model", compressor, Decompressor(tiny_model), SOURCE, about)
+    check_golden("tiny_model", compressor, Decompressor(tiny_model), SOURCE, ABOUT + ", mixer ngram-match v1")
+
+
+def test_golden_archive_without_mixer(tiny_model):
+    """Archives from before the mixer (no ``mixer`` header field) still decode, and --mixer none makes them."""
+    compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1, mixing=False)
+    check_golden("tiny_model_no_mixer", compressor, Decompressor(tiny_model), SOURCE, ABOUT)

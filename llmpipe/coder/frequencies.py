@@ -53,10 +53,9 @@ def frequency_tables(logits: torch.Tensor, extra_symbols: int, freq_bits: int = 
 def code_positions(freq: torch.Tensor, symbols: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
     """For rows of ``freq`` and one symbol per row: the symbol's (start, size) and the row total, as ints."""
     size = freq.gather(1, symbols[:, None])[:, 0]
-    below = torch.arange(freq.shape[1])[None, :] < symbols[:, None]
-    start = torch.where(below, freq, 0.0).sum(dim=1)
+    start = [int(row[:symbol].sum()) for row, symbol in zip(freq, symbols.tolist(), strict=True)]  # no (B, V) temporary
     total = freq.sum(dim=1)
-    return start.to(torch.int64).tolist(), size.to(torch.int64).tolist(), total.to(torch.int64).tolist()
+    return start, size.to(torch.int64).tolist(), total.to(torch.int64).tolist()
 
 
 def find_symbols(

@@ -26,8 +26,10 @@ from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 TOKENS_PER_PASS = 1024
 """Positions one full-sequence pass handles together (rows x length): bounds the encoder's memory."""
-HEAD_SLICE = 512
-"""Positions turned into frequency tables at a time (each table is V + 256 float64 values)."""
+HEAD_SLICE = 64
+"""Positions turned into frequency tables at a time (each table is V + 256 float64 values). Small on
+purpose: 64 tables (25 MB for a 49k vocabulary) come from reused heap memory, while 512 (200 MB) are
+fresh pages on every allocation; measured, compression took 30% longer with 512."""
 
 
 def _exact_weights(model: LoadedModel) -> dict[str, torch.Tensor]:

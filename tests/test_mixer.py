@@ -1,0 +1,114 @@
+"""The history mixer (``llmpipe.mixer``): table bounds, learning, exactness, header field."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmpipe import mixer
+from llmpipe.coder.frequencies import FREQ_BITS
+from llmpipe.coder.range_coder import MAX_TOTAL
+from llmpipe.compressor import Compressor
+from llmpipe.decompressor import Decompressor
+from llmpipe.errors import ArchiveError
+from llmpipe.mixer import RowHistory, learn_step, mix_tables, predict_step
+from tests.bad_archives import split_header, with_header
+from tests.tiny_model import DATA
+
+SYMBOLS = 64
+
+
+def lm_tables(count: int, seed: int) -> torch.Tensor:
+    """Random LM-like tables: integers >= 1 summing to at most 2^28, some very peaked."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, rng.uniform(0.5, 6.0, size=(count, 1)), size=(count, SYMBOLS))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return torch.from_numpy(1.0 + np.floor(p * ((1 << FREQ_BITS) - SYMBOLS)))
+
+
+def code_length(freq: torch.Tensor, symbols: list[int]) -> float:
+    picked = freq.gather(1, torch.tensor(symbols)[:, None])[:, 0]
+    return float(torch.log2(freq.sum(dim=1) / picked).sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=300), st.integers(0, 2**32 - 1))
+def test_mixed_tables_keep_every_symbol_codable_and_within_the_coder_total(symbols, seed):
+    history = RowHistory()
+    tables = lm_tables(len(symbols), seed)
+    mixed = history.mix_run(tables.clone(), symbols)
+    assert mixed.min() >= 1
+    assert mixed.sum(dim=1).max() <= MAX_TOTAL
+    assert torch.equal(mixed, torch.floor(mixed))  # integers: exact cumulative sums in float64
+    unseen = [s for s in range(SYMBOLS) if s not in symbols]
+    assert torch.all(mixed[:, unseen] <= tables[:, unseen] * 1.001)  # experts add mass only to symbols seen before
+
+
+def test_repeats_cost_little_once_learned():
+    """A phrase the LM knows nothing about (uniform tables) costs a fraction of its size after a few repeats."""
+    rng = np.random.default_rng(7)
+    phrase = rng.integers(0, SYMBOLS, size=40).tolist()
+    symbols = phrase * 8
+    uniform = torch.full((len(symbols), SYMBOLS), float(1 << (FREQ_BITS - 6)), dtype=torch.float64)
+    mixed = RowHistory().mix_run(uniform, symbols)
+    last = slice(len(phrase) * 7, len(phrase) * 8)
+    plain_bits = len(phrase) * math.log2(SYMBOLS)
+    assert code_length(mixed[last], symbols[last]) < 0.1 * plain_bits
+    assert code_length(mixed[: len(phrase)], phrase) < 1.01 * plain_bits  # nothing to learn from yet: no harm
+
+
+def test_lockstep_and_whole_run_give_identical_tables():
+    """The decoder's order (all rows predict, then all learn) gives the encoder's tables bit for bit."""
+    rows = [np.random.default_rng(r).integers(0, 12, size=150).tolist() for r in range(3)]
+    tables = [lm_tables(150, 100 + r) for r in range(3)]
+    whole = [RowHistory().mix_run(t.clone(), s) for t, s in zip(tables, rows, strict=True)]  # mixes in place
+    histories = [RowHistory() for _ in rows]
+    for step in range(150):
+        table = torch.stack([t[step] for t in tables])
+        predictions = predict_step(table, histories)
+        mixed = mix_tables(table.clone(), predictions)  # as the decoder does: the update needs the LM table
+        learn_step(table, histories, predictions, [s[step] for s in rows])
+        for r in range(3):
+            assert torch.equal(mixed[r], whole[r][step])
+
+
+def test_mixed_tables_are_pinned():
+    """Any change to the mixer's arithmetic changes archives: this digest changes only on purpose
+    (then bump ``mixer.VERSION`` and FORMAT.md section 6)."""
+    rng = np.random.default_rng(2026)
+    symbols = (rng.integers(0, 10, size=200).tolist() + rng.integers(0, 40, size=30).tolist()) * 3
+    mixed = RowHistory().mix_run(lm_tables(len(symbols), 1), symbols)
+    digest = hashlib.sha256(mixed.numpy().astype("<f8").tobytes()).hexdigest()
+    assert digest == "e0ab3c01f930ef45612101e17c75dc493effdd9d7e8ce5752ded4c45f7271251"
+
+
+def test_header_records_the_mixer_and_none_round_trips(tiny_model):
+    data = (DATA / "alice_chapter1.txt").read_bytes()[:1500]
+    on = Compressor(tiny_model, chunk_size=500, batch=3, threads=1).compress(data)
+    off = Compressor(tiny_model, chunk_size=500, batch=3, threads=1, mixing=False).compress(data)
+    assert split_header(on)[0]["mixer"] == {"name": "ngram-match", "version": 1}
+    assert split_header(off)[0]["mixer"] is None
+    assert Decompressor(tiny_model).decompress(on) == data
+    assert Decompressor(tiny_model).decompress(off) == data
+
+
+def test_unknown_mixer_is_refused_before_decoding(tiny_model):
+    data = (DATA / "alice_chapter1.txt").read_bytes()[:800]
+    archive = Compressor(tiny_model, chunk_size=400, batch=2, threads=1).compress(data)
+    header, _ = split_header(archive)
+    header["mixer"] = {"name": "ngram-match", "version": 2}
+    with pytest.raises(ArchiveError, match="mixer"):
+        Decompressor(tiny_model).decompress(with_header(archive, header))
+
+
+def test_record_round_trips():
+    assert mixer.check_record(mixer.record(True)) is True
+    assert mixer.check_record(mixer.record(False)) is False
+    assert mixer.check_record(None) is False
