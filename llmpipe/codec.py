@@ -27,6 +27,7 @@ import torch
 
 from llmpipe.coder.frequencies import code_positions, find_symbols
 from llmpipe.coder.range_coder import RangeDecoder, RangeEncoder
+from llmpipe.engine.memory import HISTORY_SYMBOLS, check_history_budget
 from llmpipe.format.container import MAX_CONTEXT
 from llmpipe.mixer import RowHistory, learn_step, mix_step, mix_tables, predict_step
 from llmpipe.tokenization import ByteTokenizer
@@ -116,6 +117,8 @@ class LlmCoder:
     def encode_group(self, sequences: list[list[int]], context: ContextWindow, mixing: bool) -> EncodedGroup:
         """Code each sequence into its own payload; ``mixing`` mixes in each row's history model (``mixer``)."""
         encoders = [RangeEncoder() for _ in sequences]
+        if mixing:
+            check_history_budget(sum(len(s) for s in sequences))
         histories = [RowHistory() for _ in sequences] if mixing else None
         ideal = [0.0] * len(sequences)
 
@@ -160,8 +163,21 @@ class LlmCoder:
         self, payloads: list[bytes], counts: list[int], context: ContextWindow, mixing: bool
     ) -> list[list[int]]:
         """Decode a group one position per step, all rows together through the KV cache."""
+        if mixing and self.engine.full_sequence and sum(counts) > HISTORY_SYMBOLS:
+            # exact tables do not depend on the batch: decode the rows in parts whose histories fit in memory
+            parts, start, held = [], 0, 0
+            for end, count in enumerate(counts):
+                if held and held + count > HISTORY_SYMBOLS:
+                    parts.append((start, end))
+                    start, held = end, 0
+                held += count
+            parts.append((start, len(counts)))
+            if len(parts) > 1:  # else one row alone is over the limit: refused below
+                return [row for a, b in parts for row in self.decode_group(payloads[a:b], counts[a:b], context, mixing)]
         decoders = [RangeDecoder(p) for p in payloads]
         sequences: list[list[int]] = [[] for _ in payloads]
+        if mixing:  # before any work: the counts come from the archive
+            check_history_budget(sum(counts))
         histories = [RowHistory() for _ in payloads] if mixing else None
         for _step, live, freq in self._lockstep(counts, context, lambda step, r: sequences[r][step]):
 

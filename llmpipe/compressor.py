@@ -24,7 +24,7 @@ from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
 from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_THREADS
 from llmpipe.engine import create_engine
-from llmpipe.engine.memory import check_kv_budget
+from llmpipe.engine.memory import check_history_budget, check_kv_budget
 from llmpipe.errors import ArchiveError, LlmpipeError, TruncatedArchiveError, UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
@@ -146,6 +146,8 @@ class Compressor:
         worst_positions = min(self.context.longest_context(chunk_size), engine.max_positions)
         try:  # refuse now what a group of this size could need, not hours into the input
             check_kv_budget(batch, worst_positions, engine.max_positions, engine.kv_bytes_per_position)
+            if mixing:  # LLM rows hold at most one symbol per MIN_BYTES_PER_SYMBOL bytes
+                check_history_budget(int(batch * chunk_size / MIN_BYTES_PER_SYMBOL))
         except LlmpipeError as exc:
             raise UsageError(f"--batch {batch} with --chunk-size {chunk_size}: {exc}") from None
         self._coder = LlmCoder(engine, self.model.tokenizer)

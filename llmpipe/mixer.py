@@ -16,7 +16,7 @@ say (a context never seen, no match) lends its weight to the language model.
 
 Exactness: counts and positions are integers; the weights are float64 and
 change only through ``+ - x /``, which IEEE 754 rounds correctly on every
-machine, in the fixed order written here (FORMAT.md section 6). The mixed
+machine, in the fixed order written here (FORMAT.md section 5). The mixed
 table is built from floors of such products. Encoder and decoder make the same
 calls in the same order, so they hold the same weights at every position, and
 an archive stays as portable as its engine.

@@ -113,6 +113,10 @@ def cases(archive: bytes, other_model_archive: bytes) -> Iterator[Case]:
         ("context.window", 2**40),
         ("context.overlap", 10**6),
         ("context", None),
+        ("mixer.version", 2),
+        ("mixer.name", "cm"),
+        ("mixer", [1]),
+        ("mixer", None),  # a valid header, but not the one the blocks were coded with: checksums must catch it
     ]:
         changed = json.loads(json.dumps(header))
         target = changed

@@ -16,7 +16,7 @@ from llmpipe.coder.frequencies import FREQ_BITS
 from llmpipe.coder.range_coder import MAX_TOTAL
 from llmpipe.compressor import Compressor
 from llmpipe.decompressor import Decompressor
-from llmpipe.errors import ArchiveError
+from llmpipe.errors import ArchiveError, LlmpipeError, UsageError
 from llmpipe.mixer import RowHistory, learn_step, mix_tables, predict_step
 from tests.bad_archives import split_header, with_header
 from tests.tiny_model import DATA
@@ -81,7 +81,7 @@ def test_lockstep_and_whole_run_give_identical_tables():
 
 def test_mixed_tables_are_pinned():
     """Any change to the mixer's arithmetic changes archives: this digest changes only on purpose
-    (then bump ``mixer.VERSION`` and FORMAT.md section 6)."""
+    (then bump ``mixer.VERSION`` and FORMAT.md section 5)."""
     rng = np.random.default_rng(2026)
     symbols = (rng.integers(0, 10, size=200).tolist() + rng.integers(0, 40, size=30).tolist()) * 3
     mixed = RowHistory().mix_run(lm_tables(len(symbols), 1), symbols)
@@ -112,3 +112,35 @@ def test_record_round_trips():
     assert mixer.check_record(mixer.record(True)) is True
     assert mixer.check_record(mixer.record(False)) is False
     assert mixer.check_record(None) is False
+
+
+def test_windows_whose_histories_cannot_fit_are_refused_up_front(tiny_model):
+    with pytest.raises(UsageError, match="--mixer none"):
+        Compressor(tiny_model, chunk_size=8 << 20, batch=2, threads=1)
+    Compressor(tiny_model, chunk_size=8 << 20, batch=2, threads=1, mixing=False)  # no history: no limit
+
+
+def test_the_decoder_splits_merged_rows_to_bound_history_memory(tiny_model, monkeypatch):
+    """Rows merged by the decoder beyond the history limit are decoded in parts; one row beyond it is refused."""
+    import llmpipe.codec
+    import llmpipe.engine.memory
+
+    data = (DATA / "alice_chapter1.txt").read_bytes()[:2400]
+    archive = Compressor(tiny_model, chunk_size=400, batch=6, threads=1).compress(data)
+    decoded_parts = []
+    original = llmpipe.codec.LlmCoder.decode_group
+
+    def spy(self, payloads, counts, context, mixing):
+        decoded_parts.append(len(payloads))
+        return original(self, payloads, counts, context, mixing)
+
+    monkeypatch.setattr(llmpipe.codec.LlmCoder, "decode_group", spy)
+    longest = max(len(tiny_model.tokenizer.encode(data[a : a + 400])) for a in range(0, 2400, 400))
+    for module in (llmpipe.codec, llmpipe.engine.memory):
+        monkeypatch.setattr(module, "HISTORY_SYMBOLS", 2 * longest)
+    assert Decompressor(tiny_model, batch=6).decompress(archive) == data
+    assert decoded_parts[0] == 6 and all(n <= 2 for n in decoded_parts[1:]) and len(decoded_parts) > 3
+    for module in (llmpipe.codec, llmpipe.engine.memory):
+        monkeypatch.setattr(module, "HISTORY_SYMBOLS", 10)
+    with pytest.raises(LlmpipeError, match="mixer's history"):
+        Decompressor(tiny_model, batch=6).decompress(archive)
