@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import brotli
@@ -148,28 +149,38 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
-def compare_numerics(args: argparse.Namespace) -> None:
-    """The price of exactness: the same slices coded with the exact and the float engine (compression only)."""
-    model = cache.load(args.model)
+def compare_settings(args: argparse.Namespace, files: list[str], settings: dict[str, Callable]) -> list[dict]:
+    """Each corpus slice compressed with each named setting (``settings[label](data)`` makes the compressor):
+    bits per byte, LLM payload bits per byte and compression speed (compression only)."""
     rows = []
-    for relative in args.files or DEFAULT_FILES[:4]:
+    for relative in args.files or files:
         path = CORPUS / relative
         if not path.exists():
             print(f"skip {relative}: ../shared/corpus not available")
             continue
         data = path.read_bytes()[: args.bytes]
         row: dict = {"file": relative, "bytes": len(data)}
-        for numerics in ("exact", "float"):
-            compressor = Compressor(model, threads=args.threads, numerics=numerics)
+        for label, make_compressor in settings.items():
             sink = io.BytesIO()
-            stats = compressor.compress_stream(io.BytesIO(data), sink)
-            row[numerics] = {
+            stats = make_compressor(data).compress_stream(io.BytesIO(data), sink)
+            row[label] = {
                 "bpb": 8 * len(sink.getvalue()) / len(data),
                 "llm_bpb": 8 * stats.llm_payload_bytes / stats.llm_input_bytes if stats.llm_input_bytes else None,
                 "compress_kb_s": len(data) / 1024 / stats.seconds,
             }
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return rows
+
+
+def compare_numerics(args: argparse.Namespace) -> None:
+    """The price of exactness: the same slices coded with the exact and the float engine (compression only)."""
+    model = cache.load(args.model)
+    settings = {
+        numerics: lambda data, numerics=numerics: Compressor(model, threads=args.threads, numerics=numerics)
+        for numerics in ("exact", "float")
+    }
+    rows = compare_settings(args, DEFAULT_FILES[:4], settings)
     save(args.name, {"kind": "numerics", "model": model.name, "rows": rows})
 
 
@@ -183,26 +194,13 @@ def compare_mixing(args: argparse.Namespace) -> None:
     (a short one is cut into rows of 2 KB, where the history has less to give).
     """
     model = cache.load(args.model)
-    rows = []
-    for relative in args.files or MIXING_FILES:
-        path = CORPUS / relative
-        if not path.exists():
-            print(f"skip {relative}: ../shared/corpus not available")
-            continue
-        data = path.read_bytes()[: args.bytes]
-        row: dict = {"file": relative, "bytes": len(data)}
-        for label, mixing in (("on", True), ("off", False)):
-            batch = max(1, -(-len(data) // DEFAULT_CHUNK_SIZE))
-            compressor = Compressor(model, batch=batch, threads=args.threads, mixing=mixing)
-            sink = io.BytesIO()
-            stats = compressor.compress_stream(io.BytesIO(data), sink)
-            row[label] = {
-                "bpb": 8 * len(sink.getvalue()) / len(data),
-                "llm_bpb": 8 * stats.llm_payload_bytes / stats.llm_input_bytes if stats.llm_input_bytes else None,
-                "compress_kb_s": len(data) / 1024 / stats.seconds,
-            }
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+
+    def compressor(data: bytes, mixing: bool) -> Compressor:
+        rows = max(1, -(-len(data) // DEFAULT_CHUNK_SIZE))
+        return Compressor(model, batch=rows, threads=args.threads, mixing=mixing)
+
+    settings = {label: lambda data, on=on: compressor(data, on) for label, on in (("on", True), ("off", False))}
+    rows = compare_settings(args, MIXING_FILES, settings)
     save(args.name, {"kind": "mixing", "model": model.name, "chunk_size": DEFAULT_CHUNK_SIZE, "rows": rows})
 
 
@@ -590,18 +588,7 @@ def report(args: argparse.Namespace) -> None:
                 "its difference is the cost of exact integer arithmetic (whole-archive bpb also differs by "
                 "the float header's longer machine fingerprint)."
             )
-            lines += _table_head(
-                "| file | bytes | exact bpb | float bpb | exact LLM bpb | float LLM bpb | exact vs float (LLM) | "
-                "exact compress KB/s | float compress KB/s |"
-            )
-            for r in run_data["rows"]:
-                exact, flt = r["exact"], r["float"]
-                lines.append(
-                    f"| {r['file']} | {r['bytes']} | {exact['bpb']:.4f} | {flt['bpb']:.4f} | "
-                    f"{exact['llm_bpb']:.4f} | {flt['llm_bpb']:.4f} | "
-                    f"{100 * (exact['llm_bpb'] / flt['llm_bpb'] - 1):+.2f}% | {exact['compress_kb_s']:.2f} | "
-                    f"{flt['compress_kb_s']:.2f} |"
-                )
+            lines += _comparison_table(run_data["rows"], "exact", "float")
         elif run_data["kind"] == "mixing":
             lines.append(
                 "The history mixer (n-gram orders 1-6 and a match model over each row, mixed with the model's "
@@ -609,17 +596,7 @@ def report(args: argparse.Namespace) -> None:
                 "numerics, other settings default. *LLM bpb* counts the range-coded payloads over the bytes they "
                 "hold. alice29.txt and book1 are famous texts the model may have memorised."
             )
-            lines += _table_head(
-                "| file | bytes | bpb mixer on | bpb mixer off | LLM bpb on | LLM bpb off | gain (LLM) | "
-                "compress KB/s on | compress KB/s off |"
-            )
-            for r in run_data["rows"]:
-                on, off = r["on"], r["off"]
-                lines.append(
-                    f"| {r['file']} | {r['bytes']} | {on['bpb']:.4f} | {off['bpb']:.4f} | {on['llm_bpb']:.4f} | "
-                    f"{off['llm_bpb']:.4f} | {100 * (1 - on['llm_bpb'] / off['llm_bpb']):.2f}% | "
-                    f"{on['compress_kb_s']:.2f} | {off['compress_kb_s']:.2f} |"
-                )
+            lines += _comparison_table(run_data["rows"], "on", "off", "mixer ")
         elif run_data["kind"] == "resumable":
             if run_data["complete"]:
                 base = ", ".join(f"{k} {v:.3f}" for k, v in run_data["baselines"].items())
@@ -687,7 +664,7 @@ def report(args: argparse.Namespace) -> None:
                 f"`llmpipe -c` then `llmpipe -d` through the CLI on every file of `../shared/corpus`, each sliced "
                 f"to its first {max(r['bytes'] for r in rows)} bytes, chunk size {run_data['chunk_size']}: "
                 f"**{passed} of {len(rows)} identical**. bpb includes the stream header "
-                "(about 340 bytes with exact numerics)."
+                "(about 380 bytes with exact numerics)."
             )
             lines += _table_head("| file | bytes | identical | bpb | seconds (both directions) |")
             for r in rows:
@@ -710,6 +687,22 @@ def report(args: argparse.Namespace) -> None:
         lines.append(notes.read_text())
     Path(args.write).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.write}")
+
+
+def _comparison_table(rows: list[dict], a: str, b: str, prefix: str = "") -> list[str]:
+    """The table of a ``compare_settings`` run: settings ``a`` and ``b`` side by side, the change of LLM bpb."""
+    lines = _table_head(
+        f"| file | bytes | {prefix}{a} bpb | {prefix}{b} bpb | {prefix}{a} LLM bpb | {prefix}{b} LLM bpb | "
+        f"{a} vs {b} (LLM) | {prefix}{a} compress KB/s | {prefix}{b} compress KB/s |"
+    )
+    for r in rows:
+        x, y = r[a], r[b]
+        lines.append(
+            f"| {r['file']} | {r['bytes']} | {x['bpb']:.4f} | {y['bpb']:.4f} | {x['llm_bpb']:.4f} | "
+            f"{y['llm_bpb']:.4f} | {100 * (x['llm_bpb'] / y['llm_bpb'] - 1):+.2f}% | {x['compress_kb_s']:.2f} | "
+            f"{y['compress_kb_s']:.2f} |"
+        )
+    return lines
 
 
 def _table_head(header: str) -> list[str]:
