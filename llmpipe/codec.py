@@ -163,16 +163,10 @@ class LlmCoder:
         self, payloads: list[bytes], counts: list[int], context: ContextWindow, mixing: bool
     ) -> list[list[int]]:
         """Decode a group one position per step, all rows together through the KV cache."""
-        if mixing and self.engine.full_sequence and sum(counts) > HISTORY_SYMBOLS:
+        if mixing and self.engine.full_sequence:
             # exact tables do not depend on the batch: decode the rows in parts whose histories fit in memory
-            parts, start, held = [], 0, 0
-            for end, count in enumerate(counts):
-                if held and held + count > HISTORY_SYMBOLS:
-                    parts.append((start, end))
-                    start, held = end, 0
-                held += count
-            parts.append((start, len(counts)))
-            if len(parts) > 1:  # else one row alone is over the limit: refused below
+            parts = _parts_within(counts, HISTORY_SYMBOLS)
+            if len(parts) > 1:  # (one part over the limit is a single row: refused below)
                 return [row for a, b in parts for row in self.decode_group(payloads[a:b], counts[a:b], context, mixing)]
         decoders = [RangeDecoder(p) for p in payloads]
         sequences: list[list[int]] = [[] for _ in payloads]
@@ -213,3 +207,15 @@ class LlmCoder:
             for r in range(rows):
                 history[r].append(self.tokenizer.model_input(symbol_at(step, r)) if step < counts[r] else prime)
 
+
+def _parts_within(counts: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, end)`` runs of rows whose counts sum to at most ``limit`` (a longer row alone)."""
+    parts: list[tuple[int, int]] = []
+    start, held = 0, 0
+    for end, count in enumerate(counts):
+        if held and held + count > limit:
+            parts.append((start, end))
+            start, held = end, 0
+        held += count
+    parts.append((start, len(counts)))
+    return parts
