@@ -357,7 +357,9 @@ def resumable(args: argparse.Namespace) -> None:
         state["calls"] += 1
         state_path.write_text(json.dumps(state))
     size = source.stat().st_size
-    result = {"kind": "resumable", "file": args.file, "bytes": size, **state}
+    made = target if target.exists() else Path(f"{target}.part")
+    result = {"kind": "resumable", "file": args.file, "bytes": size, "model": _model_name(made), "numerics": "exact"}
+    result.update(state)
     if target.exists():
         archive = target.read_bytes()
         result.update(
@@ -371,6 +373,15 @@ def resumable(args: argparse.Namespace) -> None:
         result.update(complete=False, done_bytes=_bytes_in_partial(Path(f"{target}.part")))
     print(json.dumps({k: v for k, v in result.items() if k != "listing"}), flush=True)
     save(args.name, result)
+
+
+def _model_name(archive: Path) -> str | None:
+    """The model named in an archive's (or partial archive's) header, if it has one yet."""
+    try:
+        with archive.open("rb") as f:
+            return ContainerReader(f, archive.name).read_stream_header(first=True)["model"]["name"]
+    except (OSError, ArchiveError, KeyError, TypeError):
+        return None
 
 
 def _bytes_in_partial(part: Path) -> int:
