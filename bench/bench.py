@@ -191,7 +191,7 @@ def compare_mixing(args: argparse.Namespace) -> None:
     """What the history mixer buys: the same slices coded with ``mixer`` on and off (compression only).
 
     The slice is cut into rows of the default chunk size, as a long input is
-    (a short one is cut into rows of 2 KB, where the history has less to give).
+    (a shorter one gets rows of at least 8 KB, where the history has less to give).
     """
     model = cache.load(args.model)
 
@@ -357,7 +357,8 @@ def resumable(args: argparse.Namespace) -> None:
         state["calls"] += 1
         state_path.write_text(json.dumps(state))
     size = source.stat().st_size
-    made = target if target.exists() else Path(f"{target}.part")
+    part = Path(f"{target}.part")
+    made = target if target.exists() else part
     result = {"kind": "resumable", "file": args.file, "bytes": size, "model": _model_name(made), "numerics": "exact"}
     result.update(state)
     if target.exists():
@@ -370,7 +371,7 @@ def resumable(args: argparse.Namespace) -> None:
             baselines=baseline_bpb(source.read_bytes()),
         )
     else:
-        result.update(complete=False, done_bytes=_bytes_in_partial(Path(f"{target}.part")))
+        result.update(complete=False, done_bytes=_bytes_in_partial(part))
     print(json.dumps({k: v for k, v in result.items() if k != "listing"}), flush=True)
     save(args.name, result)
 

@@ -178,12 +178,12 @@ class LlmCoder:
             def targets_for(totals: list[int], live: list[int] = live) -> list[int]:
                 return [decoders[r].target(total) for r, total in zip(live, totals, strict=True)]
 
-            table = freq[live]
+            table = freq[live]  # a copy: mixing it in place leaves freq for the update
             if histories:
                 live_histories = [histories[r] for r in live]
                 predictions = predict_step(table, live_histories)
-                symbols, starts, sizes = find_symbols(mix_tables(table.clone(), predictions), targets_for)
-                learn_step(table, live_histories, predictions, symbols)
+                symbols, starts, sizes = find_symbols(mix_tables(table, predictions), targets_for)
+                learn_step(live_histories, predictions, symbols, freq[live, symbols].tolist())
             else:
                 symbols, starts, sizes = find_symbols(table, targets_for)
             for r, symbol, start, size in zip(live, symbols, starts, sizes, strict=True):

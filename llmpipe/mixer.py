@@ -63,6 +63,7 @@ def _count_bucket(n: int) -> int:
 class Prediction:
     """What the history says before one symbol: the table's ingredients and what the update needs."""
 
+    total: float  # T, the LM table's total
     lm_weight: float  # w_0 plus the weight of every silent expert
     masses: dict[int, float]  # symbol -> the integer mass the experts add to its frequency
     weights: list[float]  # the bucket's weights (w_0, w_1, ...), updated in place
@@ -110,11 +111,12 @@ class RowHistory:
             unit = weight * total / n
             for symbol, count in counts.items():
                 masses[symbol] = masses.get(symbol, 0.0) + math.floor(count * unit)
-        return Prediction(lm_weight, masses, weights, experts)
+        return Prediction(total, lm_weight, masses, weights, experts)
 
-    def update(self, prediction: Prediction, symbol: int, lm_probability: float) -> None:
-        """Learn from the coded ``symbol``; ``lm_probability`` is its LM frequency over the LM table's total."""
+    def update(self, prediction: Prediction, symbol: int, lm_size: float) -> None:
+        """Learn from the coded ``symbol``, whose frequency in the LM table was ``lm_size``."""
         weights = prediction.weights
+        lm_probability = lm_size / prediction.total  # one correctly rounded division of two exact integers
         q = [lm_probability] + [
             lm_probability if e is None else e[0].get(symbol, 0) / e[1] for e in prediction.experts
         ]
@@ -148,20 +150,20 @@ class RowHistory:
     def mix_run(self, freq: torch.Tensor, symbols: list[int]) -> torch.Tensor:
         """Encoder side: the mixed tables of consecutive positions whose symbols are known, learning as it goes.
 
-    ``freq`` (the LM tables) is mixed in place and returned."""
+        ``freq`` (the LM tables) is mixed in place and returned.
+        """
         predictions = []
-        totals = freq.sum(dim=1).tolist()
-        for symbol, total, probability in zip(symbols, totals, lm_probabilities(freq, symbols), strict=True):
+        for symbol, total, size in zip(symbols, freq.sum(dim=1).tolist(), lm_sizes(freq, symbols), strict=True):
             prediction = self.predict(total)
             predictions.append(prediction)
-            self.update(prediction, symbol, probability)
+            self.update(prediction, symbol, size)
         return mix_tables(freq, predictions)  # the LM tables are not needed after this
 
 
 def mix_step(freq: torch.Tensor, histories: list[RowHistory], symbols: list[int]) -> torch.Tensor:
     """Encoder side, one lockstep position of several rows: their mixed tables (``freq`` mixed in place)."""
     predictions = predict_step(freq, histories)
-    learn_step(freq, histories, predictions, symbols)
+    learn_step(histories, predictions, symbols, lm_sizes(freq, symbols))
     return mix_tables(freq, predictions)
 
 
@@ -171,32 +173,26 @@ def predict_step(freq: torch.Tensor, histories: list[RowHistory]) -> list[Predic
 
 
 def learn_step(
-    freq: torch.Tensor, histories: list[RowHistory], predictions: list[Prediction], symbols: list[int]
+    histories: list[RowHistory], predictions: list[Prediction], symbols: list[int], sizes: list[float]
 ) -> None:
-    """After one lockstep position: every row's history learns its symbol (``freq``: the LM tables)."""
-    for history, prediction, symbol, probability in zip(
-        histories, predictions, symbols, lm_probabilities(freq, symbols), strict=True
-    ):
-        history.update(prediction, symbol, probability)
+    """After one lockstep position: every row's history learns its symbol and the symbol's LM frequency."""
+    for history, prediction, symbol, size in zip(histories, predictions, symbols, sizes, strict=True):
+        history.update(prediction, symbol, size)
 
 
-def lm_probabilities(freq: torch.Tensor, symbols: list[int]) -> list[float]:
-    """``F(a) / T`` of each row's symbol: one correctly rounded division of two exact integers."""
-    sizes = freq.gather(1, torch.tensor(symbols)[:, None])[:, 0].tolist()
-    totals = freq.sum(dim=1).tolist()
-    return [size / total for size, total in zip(sizes, totals, strict=True)]
+def lm_sizes(freq: torch.Tensor, symbols: list[int]) -> list[float]:
+    """``F(a)``: each row's symbol's frequency in the LM table of that row."""
+    return freq.gather(1, torch.tensor(symbols)[:, None])[:, 0].tolist()
 
 
 def mix_tables(freq: torch.Tensor, predictions: list[Prediction]) -> torch.Tensor:
     """Turns the LM tables ``F`` (float64 integers, totals ``T``) into the mixed ones, in place, and returns them.
 
-    Row ``r`` becomes ``max(1, floor(F(s) * w)) + masses(s)``.
-
-    ``w`` is the LM's weight (with the silent experts') and ``masses(s) =
-    sum_i floor(c_i(s) * (w_i * T / n_i))`` (``RowHistory.predict``) with
-    ``c_i`` expert ``i``'s counts and ``n_i`` their sum: the mixture scaled
-    to ``T``. Every
-    symbol keeps a frequency of at least 1 and the total stays below
+    Row ``r`` becomes ``max(1, floor(F(s) * w)) + masses(s)``, where ``w`` is
+    the LM's weight (with the silent experts') and ``masses(s) = sum_i
+    floor(c_i(s) * (w_i * T / n_i))`` (``RowHistory.predict``) with ``c_i``
+    expert ``i``'s counts and ``n_i`` their sum: the mixture scaled to ``T``.
+    Every symbol keeps a frequency of at least 1 and the total stays below
     ``T * (sum of weights) + V``, about ``T``: within the range coder's 2^32.
     """
     lm_weights = torch.tensor([p.lm_weight for p in predictions], dtype=torch.float64)[:, None]

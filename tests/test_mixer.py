@@ -17,7 +17,7 @@ from llmpipe.coder.range_coder import MAX_TOTAL
 from llmpipe.compressor import Compressor
 from llmpipe.decompressor import Decompressor
 from llmpipe.errors import ArchiveError, LlmpipeError, UsageError
-from llmpipe.mixer import RowHistory, learn_step, mix_tables, predict_step
+from llmpipe.mixer import RowHistory, learn_step, lm_sizes, mix_tables, predict_step
 from tests.bad_archives import split_header, with_header
 from tests.tiny_model import DATA
 
@@ -73,8 +73,10 @@ def test_lockstep_and_whole_run_give_identical_tables():
     for step in range(150):
         table = torch.stack([t[step] for t in tables])
         predictions = predict_step(table, histories)
-        mixed = mix_tables(table.clone(), predictions)  # as the decoder does: the update needs the LM table
-        learn_step(table, histories, predictions, [s[step] for s in rows])
+        symbols = [s[step] for s in rows]
+        sizes = lm_sizes(table, symbols)  # as the decoder does: the LM frequencies before mixing in place
+        mixed = mix_tables(table, predictions)
+        learn_step(histories, predictions, symbols, sizes)
         for r in range(3):
             assert torch.equal(mixed[r], whole[r][step])
 
