@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
         help="compute threads (recorded in float archives; exact ones do not depend on it) (default %(default)s)",
     )
     p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEV",
+        help="where the model runs: cpu or cuda[:N]; exact archives decode the same on either (default %(default)s)",
+    )
+    p.add_argument(
         "--numerics",
         choices=("exact", "float"),
         default="exact",
@@ -332,6 +338,7 @@ def _compress_work(args: argparse.Namespace):
         context=args.context,
         overlap=args.overlap,
         mixing=args.mixer != "none",
+        device=args.device,
     )
 
     def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:
@@ -344,7 +351,7 @@ def _compress_work(args: argparse.Namespace):
 def _decompress_work(args: argparse.Namespace):
     from llmpipe.decompressor import Decompressor
 
-    worker = Decompressor(args.model, force=args.force, threads=args.threads, batch=args.batch)
+    worker = Decompressor(args.model, force=args.force, threads=args.threads, batch=args.batch, device=args.device)
 
     def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:
         name = getattr(src, "name", "<stdin>")

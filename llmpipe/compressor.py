@@ -128,6 +128,7 @@ class Compressor:
         context: int = DEFAULT_CONTEXT,
         overlap: int = DEFAULT_OVERLAP,
         mixing: bool = True,
+        device: str = "cpu",
     ) -> None:
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
@@ -146,7 +147,7 @@ class Compressor:
         self.batch = batch
         self.mixing = mixing
         self.threads = threads
-        engine = create_engine(numerics, self.model, threads, batch)
+        engine = create_engine(numerics, self.model, threads, batch, device)
         # a row never has more symbols than chunk_size, nor a context more than the window
         worst_positions = min(self.context.longest_context(chunk_size), engine.max_positions)
         try:  # refuse now what a group of this size could need, not hours into the input

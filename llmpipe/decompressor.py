@@ -28,7 +28,7 @@ from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.compressor import Stats
 from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_THREADS
 from llmpipe.engine import create_engine
-from llmpipe.engine.exact_llama import NUMERICS_VERSION
+from llmpipe.engine.exact_transformer import NUMERICS_VERSION
 from llmpipe.engine.float_engine import numeric_fingerprint
 from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, ModelError, ModelMismatchError
 from llmpipe.format.container import (
@@ -89,8 +89,10 @@ class Decompressor:
         force: bool = False,
         threads: int = DEFAULT_THREADS,
         batch: int = DEFAULT_BATCH,
+        device: str = "cpu",
     ) -> None:
         self._model_spec = model
+        self._device = device
         self._force = force
         self._threads = threads
         self._batch = batch  # rows decoded together for exact archives (float ones keep the encoder's groups)
@@ -143,7 +145,7 @@ class Decompressor:
             raise ArchiveError(f"unsupported numerics engine {kind!r}")
         key = (have["weights_sha256"], kind, threads)
         if self._coder is None or self._coder_key != key:
-            self._coder = LlmCoder(create_engine(kind, self._model, threads, batch), self._model.tokenizer)
+            self._coder = LlmCoder(create_engine(kind, self._model, threads, batch, self._device), self._model.tokenizer)
             self._coder_key = key
         return self._coder
 

@@ -117,9 +117,7 @@ class RowHistory:
         """Learn from the coded ``symbol``, whose frequency in the LM table was ``lm_size``."""
         weights = prediction.weights
         lm_probability = lm_size / prediction.total  # one correctly rounded division of two exact integers
-        q = [lm_probability] + [
-            lm_probability if e is None else e[0].get(symbol, 0) / e[1] for e in prediction.experts
-        ]
+        q = [lm_probability] + [lm_probability if e is None else e[0].get(symbol, 0) / e[1] for e in prediction.experts]
         mixed = weights[0] * q[0]
         for weight, qi in zip(weights[1:], q[1:], strict=True):
             mixed += weight * qi

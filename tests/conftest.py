@@ -37,6 +37,29 @@ def tiny_model(tiny_model_dir: Path, isolated_cache: Path):
     return cache.load(str(tiny_model_dir))
 
 
+ARCHITECTURES = ("llama", "gpt_neox", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``arch -> checkpoint directory``: the committed tiny Llama, and GPT-NeoX and GPT-2 models
+    built now (a few seconds each, see ``tests/tiny_model.py``)."""
+    from tests.tiny_model import build_tiny_model
+
+    dirs = {"llama": COMMITTED}
+    for arch in ARCHITECTURES[1:]:
+        dirs[arch] = build_tiny_model(tmp_path_factory.mktemp(arch) / arch, arch=arch)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model, tiny_model_dirs: dict[str, Path]) -> dict:
+    """``arch -> LoadedModel``, each prepared through the same path as ``--model DIR``."""
+    from llmpipe.models import cache
+
+    return {"llama": tiny_model} | {arch: cache.load(str(tiny_model_dirs[arch])) for arch in ARCHITECTURES[1:]}
+
+
 def corpus_file(relative: str) -> Path:
     """A file of ../shared/corpus, or skip the test (saying so) when the corpus is absent."""
     path = SHARED_CORPUS / relative

@@ -146,6 +146,15 @@ def test_version_and_bad_option():
     assert done.returncode != 0 and b"Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda"])
+def test_unusable_device_is_one_line(model_args, device):
+    if device == "cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/device/cross_decode.py checks it")
+    done = run(["-c", *model_args, "--device", device], b"text")
+    assert done.returncode == 1 and done.stdout == b""
+    assert done.stderr.count(b"\n") == 1 and b"--device" in done.stderr
+
+
 def test_dev_full_fails(archive):
     if not Path("/dev/full").exists():
         pytest.skip("/dev/full not available")

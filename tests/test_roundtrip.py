@@ -125,6 +125,21 @@ def test_float_numerics_round_trip(tiny_model):
     assert Decompressor(tiny_model).decompress(archive) == data
 
 
+@pytest.mark.parametrize("numerics", ["exact", "float"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])
+def test_other_architectures_round_trip(tiny_models, arch, numerics):
+    """GPT-NeoX (Pythia) and GPT-2 models code text with the model, through both engines, at other batches."""
+    model = tiny_models[arch]
+    data = TEXT[:3000] + b"\xff\x00 tail"
+    compressor = Compressor(model, chunk_size=1024, batch=3, threads=1, numerics=numerics, context=96, overlap=32)
+    sink = io.BytesIO()
+    stats = compressor.compress_stream(io.BytesIO(data), sink)
+    assert stats.llm_input_bytes > 2000  # the model won: the text is LLM-coded
+    assert Decompressor(model).decompress(sink.getvalue()) == data
+    header, _ = split_header(sink.getvalue())
+    assert header["model"]["arch"] == arch
+
+
 @pytest.mark.parametrize("mixing", [False, True])
 @pytest.mark.parametrize("context", [ContextWindow(), ContextWindow(40, 13)])
 def test_exact_payloads_are_independent_of_batch_and_threads(tiny_model, context, mixing):

@@ -1,6 +1,6 @@
 """The exact engine: portable archives, and an encoder that scores whole chunks at once.
 
-Because every logit is computed exactly (``exact_llama``), the encoder does
+Because every logit is computed exactly (``exact_transformer``), the encoder does
 not have to replay the decoder's schedule: it scores all positions of a chunk
 in one full-sequence pass (many times faster than one position per step),
 any rows together, while the decoder steps through the KV cache in whatever
@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llmpipe.coder.frequencies import frequency_tables
-from llmpipe.engine.exact_llama import NUMERICS_VERSION, ExactKVCache, ExactLlama, prepare_exact_weights
+from llmpipe.engine.exact_transformer import NUMERICS_VERSION, ExactKVCache, ExactTransformer, prepare_exact_weights
 from llmpipe.engine.memory import check_kv_budget
 from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LoadedModel, weights_hash
@@ -57,16 +57,16 @@ def _exact_weights(model: LoadedModel) -> dict[str, torch.Tensor]:
 
 
 class ExactEngine:
-    """Runs a loaded model with exact integer numerics on the CPU."""
+    """Runs a loaded model with exact integer numerics on ``device`` (the CPU unless asked otherwise)."""
 
     full_sequence = True
 
-    def __init__(self, model: LoadedModel, threads: int) -> None:
+    def __init__(self, model: LoadedModel, threads: int, device: str = "cpu") -> None:
         torch.set_num_threads(threads)
         cfg = model.config
         self.max_positions = cfg.max_position_embeddings
         self.kv_bytes_per_position = ExactKVCache.bytes_per_position(cfg)
-        self._llama = ExactLlama(cfg, _exact_weights(model))
+        self._network = ExactTransformer(cfg, _exact_weights(model), device)
 
     def numerics(self) -> dict:
         """The header's numerics record: no machine details, since they do not matter."""
@@ -74,7 +74,7 @@ class ExactEngine:
 
     def session(self, rows: int, max_len: int) -> LockstepSession:
         check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position)
-        return LockstepSession(self._llama, rows, max_len)
+        return LockstepSession(self._network, rows, max_len)
 
     def tables(self, inputs: list[list[int]], skips: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Score every position of every row in full-sequence passes.
@@ -92,13 +92,13 @@ class ExactEngine:
             padded = [inputs[i] + [inputs[i][-1]] * (width - len(inputs[i])) for i in batch]
             check_kv_budget(len(batch), width, self.max_positions, self.kv_bytes_per_position)
             with torch.inference_mode():
-                cache = self._llama.new_cache(len(batch), width)
-                rows, scales = self._llama.hidden(torch.tensor(padded, dtype=torch.long), cache)
+                cache = self._network.new_cache(len(batch), width)
+                normed = self._network.hidden(torch.tensor(padded, dtype=torch.long), cache)
                 for j, i in enumerate(batch):
                     n = len(inputs[i])
                     for a in range(skips[i], n, HEAD_SLICE):
                         b = min(n, a + HEAD_SLICE)
                         part = slice(j * width + a, j * width + b)
-                        freq = frequency_tables(self._llama.logits(rows[part], scales[part]), ESCAPE_SYMBOLS)
+                        freq = frequency_tables(self._network.logits(normed.select(part)), ESCAPE_SYMBOLS)
                         yield i, a - skips[i], freq
             r += len(batch)

@@ -18,7 +18,7 @@ import torch
 from llmpipe.engine.memory import check_kv_budget
 from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LoadedModel
-from llmpipe.models.llama import Llama
+from llmpipe.models.transformer import Transformer
 
 
 def numeric_fingerprint(threads: int, batch: int) -> dict:
@@ -48,7 +48,7 @@ class FloatEngine:
         cfg = model.config
         self.max_positions = cfg.max_position_embeddings
         self.kv_bytes_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
-        self._llama = Llama(cfg, model.weights, torch.float32)
+        self._network = Transformer(cfg, model.weights, torch.float32)
 
     def numerics(self) -> dict:
         return numeric_fingerprint(self.threads, self.batch)
@@ -56,4 +56,4 @@ class FloatEngine:
     def session(self, rows: int, max_len: int) -> LockstepSession:
         """A lockstep group; refuses groups longer than the model's context or larger than the memory limit."""
         check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position)
-        return LockstepSession(self._llama, rows, max_len)
+        return LockstepSession(self._network, rows, max_len)

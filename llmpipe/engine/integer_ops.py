@@ -57,14 +57,24 @@ def split_bytes(q: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 def _fp32_split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 x int8 -> int32 through float32 GEMMs on reduction pieces small enough to be exact."""
-    total = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64)
+    total = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64, device=a.device)
     for k in range(0, a.shape[1], _FP32_SPLIT):
         piece = a[:, k : k + _FP32_SPLIT].float() @ b[k : k + _FP32_SPLIT].float()
         total += piece.to(torch.int64)
     return total.to(torch.int32)
 
 
-def _known_answer_ok(matmul) -> bool:
+def _padded_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm``, whose CUDA kernel needs M > 16 and K, N multiples of 8: zero padding adds nothing."""
+    (m, k), n = a.shape, b.shape[1]
+    rows, inner, cols = max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
+    if a.is_cuda and (rows, inner, cols) != (m, k, n):
+        a = torch.nn.functional.pad(a, (0, inner - k, 0, rows - m))
+        b = torch.nn.functional.pad(b, (0, cols - n, 0, inner - k))
+    return torch._int_mm(a, b)[:m, :n]
+
+
+def _known_answer_ok(matmul, device: torch.device) -> bool:
     """Does ``matmul`` reproduce int64 arithmetic on extreme values (where saturating kernels fail)?"""
     generator = torch.Generator().manual_seed(0)
     cases = [
@@ -76,12 +86,16 @@ def _known_answer_ok(matmul) -> bool:
         ),
     ]
     try:
-        return all(torch.equal(matmul(a, b).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64)) for a, b in cases)
+        return all(
+            torch.equal(matmul(a.to(device), b.to(device)).cpu().to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
+            for a, b in cases
+        )
     except (RuntimeError, NotImplementedError):
         return False
 
 
-_INT8_MATMUL = torch._int_mm if _known_answer_ok(torch._int_mm) else _fp32_split_mm
+_INT8_MATMULS: dict[str, object] = {}
+"""The int8 product chosen per device type, after its known-answer test."""
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,9 +103,15 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Bound: |a_ij * b_jk| <= 128 * 128, so any K < 131,072 keeps every partial
     sum inside int32. ``torch._int_mm`` is used when a known-answer test on
-    extreme values passes at start-up, otherwise the float32 split above.
+    extreme values passes on the device (the first time it is used there),
+    otherwise the float32 split above.
     """
-    return _INT8_MATMUL(a, b)
+    device = a.device
+    chosen = _INT8_MATMULS.get(device.type)
+    if chosen is None:
+        chosen = _padded_int_mm if _known_answer_ok(_padded_int_mm, device) else _fp32_split_mm
+        _INT8_MATMULS[device.type] = chosen
+    return chosen(a, b)
 
 
 def int16_int8_matmul(q: torch.Tensor, weight_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ PREFILL_TOKENS = 1024
 
 
 class CachedModel(Protocol):
-    """A network with a preallocated KV cache (``models.llama.Llama``, ``engine.exact_llama.ExactLlama``)."""
+    """A network with a preallocated KV cache: ``models.transformer.Transformer`` (float) or
+    ``engine.exact_transformer.ExactTransformer``."""
 
     def new_cache(self, batch: int, max_len: int) -> object: ...
 

@@ -44,18 +44,61 @@ def exp_table(grid: int, out_bits: int) -> np.ndarray:
         k += 1
 
 
-SILU_GRID = 256  # SiLU input resolution: 1/256
-SILU_LIMIT = 16 * SILU_GRID  # beyond +-16 SiLU is the identity or 0 to float32 precision
+ACTIVATION_GRID = 256  # activation input resolution: 1/256
+ACTIVATION_LIMITS = {"silu": 16, "gelu": 8, "gelu_tanh": 8}
+"""Past +-limit each activation is the identity or 0 to float32 precision (silu(-16) ~ -2e-6,
+gelu(-8) ~ -5e-15); the engine applies that directly, so tables need only [-limit, limit]."""
+
+_PI = decimal.Decimal("3.14159265358979323846264338327950288419716939937510582097494459")
+
+
+def _silu(x: decimal.Decimal) -> decimal.Decimal:
+    return _CONTEXT.divide(x, 1 + _dexp(-x))
+
+
+def _gaussian_cdf(x: decimal.Decimal) -> decimal.Decimal:
+    """Phi(x) for x >= 0 from the all-positive series erf(z) = 2/sqrt(pi) e^(-z^2) sum (2z^2)^n z / (2n+1)!!.
+
+    Every term is positive, so 40 significant digits survive at any z used here (z <= 8 / sqrt 2).
+    """
+    ctx = _CONTEXT
+    z = ctx.divide(x, ctx.sqrt(decimal.Decimal(2)))
+    two_z2 = ctx.multiply(2, ctx.multiply(z, z))
+    term, total, n = z, z, 0
+    while term > total.scaleb(-45):
+        n += 1
+        term = ctx.divide(ctx.multiply(term, two_z2), 2 * n + 1)
+        total = ctx.add(total, term)
+    erf = ctx.multiply(ctx.divide(2, ctx.sqrt(_PI)), ctx.multiply(_dexp(-z * z), total))
+    return ctx.divide(1 + erf, 2)
+
+
+def _gelu_positive(x: decimal.Decimal) -> decimal.Decimal:
+    return _CONTEXT.multiply(x, _gaussian_cdf(x))
+
+
+def _gelu_tanh(x: decimal.Decimal) -> decimal.Decimal:
+    ctx = _CONTEXT
+    u = ctx.multiply(ctx.sqrt(ctx.divide(2, _PI)), x + decimal.Decimal("0.044715") * x * x * x)
+    tanh = 1 - ctx.divide(2, _dexp(2 * u) + 1)
+    return ctx.multiply(ctx.multiply(decimal.Decimal("0.5"), x), 1 + tanh)
 
 
 @cache
-def silu_table() -> np.ndarray:
-    """``silu(k / 256)`` for k in [-SILU_LIMIT, SILU_LIMIT], float32, correctly rounded from 40 digits."""
-    values = np.empty(2 * SILU_LIMIT + 1, dtype=np.float64)
-    one = decimal.Decimal(1)
-    for i, k in enumerate(range(-SILU_LIMIT, SILU_LIMIT + 1)):
-        x = decimal.Decimal(k) / SILU_GRID
-        values[i] = float(_CONTEXT.divide(x, one + _dexp(-x)))
+def activation_table(name: str) -> np.ndarray:
+    """``act(k / 256)`` for k in [-limit * 256, limit * 256], float32, correctly rounded from 40 digits."""
+    limit = ACTIVATION_LIMITS[name] * ACTIVATION_GRID
+    values = np.empty(2 * limit + 1, dtype=np.float64)
+    for i, k in enumerate(range(-limit, limit + 1)):
+        x = decimal.Decimal(k) / ACTIVATION_GRID
+        if name == "silu":
+            values[i] = float(_silu(x))
+        elif name == "gelu_tanh":
+            values[i] = float(_gelu_tanh(x))
+        elif k >= 0:  # gelu; gelu(-x) = gelu(x) - x, so each Phi is computed once
+            positive = _gelu_positive(x)
+            values[i] = float(positive)
+            values[limit - k] = float(positive - x)
     return values.astype(np.float32)
 
 

@@ -3,8 +3,8 @@
 Every model llmpipe runs is first *prepared* into a cache directory:
 
     <cache>/models/<key>/
-        model.safetensors   weights, float32, Hugging Face names
-        config.json         the architecture (:class:`LlamaConfig` fields)
+        model.safetensors   weights, float32, canonical names (``llmpipe.models.convert``)
+        config.json         the architecture (:class:`ModelConfig` fields)
         tokenizer.json      a Hugging Face ``tokenizers`` file
         llmpipe.json        identity: name, source, architecture and the two hashes
 
@@ -36,7 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmpipe.errors import ModelError
-from llmpipe.models.llama import LlamaConfig
+from llmpipe.models.config import ModelConfig
+from llmpipe.models.convert import canonical_weights
 from llmpipe.tokenization import ByteTokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct-q4_1"
@@ -65,7 +66,7 @@ class LoadedModel:
     """A prepared model in memory: what the engines and the coder need."""
 
     name: str
-    config: LlamaConfig
+    config: ModelConfig
     weights: dict[str, torch.Tensor]
     tokenizer: ByteTokenizer
     weights_sha256: str
@@ -76,7 +77,7 @@ class LoadedModel:
         """What an archive records so a decoder can refuse the wrong model."""
         return {
             "name": self.name,
-            "arch": "llama",
+            "arch": self.config.arch,
             "weights_sha256": self.weights_sha256,
             "tokenizer_sha256": self.tokenizer.sha256,
             "vocab_size": self.config.vocab_size,
@@ -102,13 +103,11 @@ def _file_sha256(path: Path) -> str:
 
 def _write_prepared(hf_model, hf_tokenizer, target: Path, name: str, source: str) -> Path:
     """Write a loaded ``transformers`` model into the cache layout, atomically."""
-    hf_config = hf_model.config.to_dict()
-    if hf_config.get("model_type") != "llama":
-        raise ModelError(f"{source}: architecture {hf_config.get('model_type')!r} is not supported yet (llama only)")
-    config = LlamaConfig.from_hf(hf_config)
-    weights = {k: v.detach().to(torch.float32).contiguous() for k, v in hf_model.state_dict().items()}
-    if config.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
+    try:
+        config = ModelConfig.from_hf(hf_model.config.to_dict())
+    except ModelError as exc:
+        raise ModelError(f"{source}: {exc}") from None
+    weights = canonical_weights(config, hf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
     try:
@@ -119,7 +118,7 @@ def _write_prepared(hf_model, hf_tokenizer, target: Path, name: str, source: str
         meta = {
             "name": name,
             "source": source,
-            "arch": "llama",
+            "arch": config.arch,
             "weights_sha256": weights_hash(weights),
             "tokenizer_sha256": tokenizer.sha256,
         }
@@ -223,7 +222,7 @@ def load(spec: str | None) -> LoadedModel:
     directory = resolve(spec)
     started = time.perf_counter()
     meta = json.loads((directory / _META).read_text())
-    config = LlamaConfig(**json.loads((directory / "config.json").read_text()))
+    config = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
     weights = load_file(str(directory / "model.safetensors"))
     tokenizer = ByteTokenizer(directory / "tokenizer.json", config.vocab_size)
     if tokenizer.sha256 != meta["tokenizer_sha256"]:

@@ -4,6 +4,9 @@ import hashlib
 import math
 
 import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
 
 from llmpipe.engine import tables
 
@@ -17,6 +20,8 @@ PINNED = {
     "exp_64_15": "066c71d583c21e352e8ef4f663e03c050a8b9e419eb646bca69baa892a20cfb7",
     "exp_256_24": "cf52c16fa4778fbfdb379ee1d364e81d4e292eaf16c16d159129ec9e1a01df68",
     "silu": "765d1ebe3b2b29565a1305b84f157045d30c114e6a6caf3cff3071daae2bf2e8",
+    "gelu": "730637f11f21a7bfe0fe7873f5febdc94241ed838bdbeada2242ba52e3f32d0c",
+    "gelu_tanh": "5feac0e5a0dea30e4792282ed155ece05faed4ad1a4d51420ac465cc1f5e88c5",
     "rope_cos_1e5_64": "d0abe61724a5910008bbf387d537a386a6e1890cd3a877bea65d4a9065c8a4ac",
     "rope_sin_1e5_64": "c257e4ae2e80a99e4076ccc2fa3f350be4244394eb5785a26ab58a5afb1d9a1d",
 }
@@ -27,7 +32,9 @@ def test_tables_are_pinned():
     found = {
         "exp_64_15": _sha256(tables.exp_table(64, 15)),
         "exp_256_24": _sha256(tables.exp_table(256, 24)),
-        "silu": _sha256(tables.silu_table()),
+        "silu": _sha256(tables.activation_table("silu")),
+        "gelu": _sha256(tables.activation_table("gelu")),
+        "gelu_tanh": _sha256(tables.activation_table("gelu_tanh")),
         "rope_cos_1e5_64": _sha256(cos),
         "rope_sin_1e5_64": _sha256(sin),
     }
@@ -41,10 +48,13 @@ def test_exp_table_is_rounded_exp():
     assert np.abs(table - expected).max() <= 1  # libm may differ in the last bit; decimal does not
 
 
-def test_silu_table_matches_silu():
-    table = tables.silu_table().astype(np.float64)
-    x = np.arange(-tables.SILU_LIMIT, tables.SILU_LIMIT + 1) / tables.SILU_GRID
-    np.testing.assert_allclose(table, x / (1 + np.exp(-x)), rtol=1e-6, atol=1e-7)
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
+def test_activation_tables_match_torch(name):
+    functions = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+    table = torch.from_numpy(tables.activation_table(name)).double()
+    limit = tables.ACTIVATION_LIMITS[name] * tables.ACTIVATION_GRID
+    x = torch.arange(-limit, limit + 1, dtype=torch.float64) / tables.ACTIVATION_GRID
+    torch.testing.assert_close(table, functions[name](x), rtol=1e-6, atol=1e-7)
 
 
 def test_rope_tables_match_libm():

@@ -1,0 +1,365 @@
+"""The transformer forward pass (Llama, GPT-NeoX, GPT-2) in exact arithmetic: the same bits on every machine.
+
+The recipe (``FORMAT.md``, "Exact numerics v1", is the normative text):
+
+- weights int8, one scale per output channel; each norm's gain is folded
+  into the weights of the matmuls it feeds before quantisation, and a
+  LayerNorm's bias into their biases (``fixed_point_dot``: exact);
+- activations int16 per token (``quantize_rows``) before every matmul, which
+  runs as two exact int8 products (``integer_ops``); the RMSNorm statistic is
+  the integer sum of squares of that same quantised row (< C * 2^30, exact in
+  float64 for C < 2^23); LayerNorm also uses the integer row sum ``S`` and
+  ``C * sum(q^2) - S^2`` in int64 (< C^2 * 2^30 < 2^63 for C < 2^16), and
+  subtracts the mean after the product: ``W (q - S/C) = W q - (S/C) * W 1``
+  with ``W 1`` the weight's exact integer row sums;
+- RoPE from ``tables.rope_tables`` on the first ``rotary_dim`` dims of each
+  head; learned positions (GPT-2) are one float32 addition;
+- keys and values int8 per token and head;
+- attention scores: int16 queries (split in bytes) against int8 keys in float32
+  GEMMs, exact since 128 * 127 * head_dim < 2^24 for head_dim <= 1032;
+- softmax: exp from a table on a 1/64 grid scaled to 2^15 (``tables.exp_table``),
+  denominator an integer sum in float64 (exact below 2^53);
+- attention-weighted values: weights requantised to integers ``w_t`` with
+  ``sum_t w_t <= 2^15 + T/2`` against a common value scale (the running
+  maximum of the value scales), so ``sum_t |w_t v_t| <= 127 (2^15 + T/2) < 2^24``
+  for T < 198,000: a float32 GEMM is exact;
+- SiLU and GELU from tables on a 1/256 grid (``tables.activation_table``);
+  the final logits are float32 products of an exact int64 matmul result with
+  two scales (and, for LayerNorm models, the folded bias).
+
+Every reduction is exact and every other step is an elementwise IEEE
+operation, so a position gets identical logits whether it is computed in a
+full-sequence pass (the encoder) or one step at a time through the KV cache
+(the decoder), alone or in any batch, with any number of threads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from llmpipe.engine import tables
+from llmpipe.engine.integer_ops import (
+    ACT_MAX,
+    int16_int8_matmul,
+    lookup,
+    quantize_rows,
+    quantize_weight,
+    split_bytes,
+)
+from llmpipe.models.config import ModelConfig
+
+NUMERICS_VERSION = 1
+KV_MAX = 127
+ATTENTION_GRID = 64  # softmax exponent resolution inside attention: 1/64
+ATTENTION_ONE = 1 << 15  # attention weights are fixed point with this unit
+QUERY_BLOCK = 64  # full-sequence attention handles this many query positions at a time (memory only)
+
+
+class ExactWeight:
+    """An int8 weight stored transposed for ``int16_int8_matmul``, with its per-channel scales and bias."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.q_t = q.t().contiguous()  # (K, N) int8
+        self.scale = scale.to(torch.float32)  # (N,)
+        self.bias = bias  # (N,) float32 or None
+        self.row_sums = q.sum(dim=1, dtype=torch.int64).to(torch.float64)  # W 1, exact (|.| < 2^23 K)
+
+    def __call__(self, xq: torch.Tensor, row_scale: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """``(M, K)`` quantised rows with ``(M, 1)`` scales -> float32 ``(M, N)``.
+
+        ``mean`` (``(M, 1)`` float64, LayerNorm only) is subtracted from every
+        input element, as ``W q - mean * W 1`` after the exact product.
+        """
+        high, low = int16_int8_matmul(xq, self.q_t)  # (M, N) int32 each, exact
+        if mean is None:
+            # 256 * high is exact in float32; the sum is the one rounding; then the two scales
+            out = high.to(torch.float32).mul_(256.0).add_(low.to(torch.float32))
+        else:  # 256 * high + low is exact in float64; then the centring and one rounding to float32
+            out = high.to(torch.float64).mul_(256.0).add_(low.to(torch.float64)).sub_(mean * self.row_sums)
+            out = out.to(torch.float32)
+        out = out.mul_(row_scale).mul_(self.scale)
+        return out if self.bias is None else out.add_(self.bias)
+
+
+def fixed_point_dot(weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``weight @ vector`` (float32 (N, K) and (K,)) -> float32 (N,), the same bits on every machine.
+
+    Each product is exact in float64 (24 + 24 bits); it is rounded to a multiple
+    of ``2^(e - 40)``, where ``2^e`` bounds the row's largest product, and the
+    integers (each below 2^40, K below 2^23) are summed exactly in int64.
+    Folds a LayerNorm's bias into the next matmul's bias when preparing weights.
+    """
+    products = weight.to(torch.float64) * vector.to(torch.float64)[None, :]
+    _, exponent = torch.frexp(products.abs().amax(dim=1, keepdim=True))  # largest < 2^exponent
+    unit = torch.ldexp(torch.ones_like(products[:, :1]), exponent - 40)
+    total = torch.round(products / unit).to(torch.int64).sum(dim=1, keepdim=True)
+    return (total.to(torch.float64) * unit)[:, 0].to(torch.float32)
+
+
+def prepare_exact_weights(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold norms into the matmuls after them and quantise: the tensors the exact engine runs on.
+
+    Deterministic (max, elementwise IEEE products, rounding and exact integer
+    sums only), so any machine derives the same int8 weights from the same
+    float weights.
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, parts: list[str], norm: str | None = None) -> None:
+        """Quantise the concatenated canonical weights ``parts`` (with their biases) after norm ``norm``."""
+        weight = torch.cat([weights[f"{part}.weight"] for part in parts]).to(torch.float32)
+        bias = None
+        if any(f"{part}.bias" in weights for part in parts):  # a missing bias among them is zeros
+            zeros = [torch.zeros(weights[f"{part}.weight"].shape[0]) for part in parts]
+            bias = torch.cat([weights.get(f"{part}.bias", z) for part, z in zip(parts, zeros, strict=True)])
+            bias = bias.to(torch.float32)
+        if norm is not None:
+            if f"{norm}.bias" in weights:  # W (n g + b) + c = (W g) n + (W b + c)
+                folded = fixed_point_dot(weight, weights[f"{norm}.bias"].to(torch.float32))
+                bias = folded if bias is None else bias + folded
+            weight = weight * weights[f"{norm}.weight"].to(torch.float32)[None, :]
+        q, scale = quantize_weight(weight)
+        out[f"{name}.q"], out[f"{name}.scale"] = q, scale
+        if bias is not None:
+            out[f"{name}.bias"] = bias.contiguous()
+
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        attn = [p + f"self_attn.{n}_proj" for n in "qkv"]
+        put(f"{i}.qkv", attn, p + "input_layernorm")
+        put(f"{i}.o", [p + "self_attn.o_proj"])
+        if config.gated_mlp:
+            put(f"{i}.gate_up", [p + "mlp.gate_proj", p + "mlp.up_proj"], p + "post_attention_layernorm")
+        else:
+            put(f"{i}.up", [p + "mlp.up_proj"], p + "post_attention_layernorm")
+        put(f"{i}.down", [p + "mlp.down_proj"])
+    embed = weights["model.embed_tokens.weight"]
+    put("lm_head", ["model.embed_tokens" if config.tie_word_embeddings else "lm_head"], "model.norm")
+    out["embed"] = embed.to(torch.float32).contiguous()
+    if "model.embed_positions.weight" in weights:
+        out["positions"] = weights["model.embed_positions.weight"].to(torch.float32).contiguous()
+    return out
+
+
+class ExactKVCache:
+    """int8-valued keys and values (held in float32 for the GEMMs) with per-token scales."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device) -> None:
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len)
+        self.keys = torch.zeros(*shape, config.head_dim, device=device)  # (L, B, KV, T, hd)
+        self.values = torch.zeros(*shape, config.head_dim, device=device)
+        self.key_scales = torch.zeros(shape, device=device)  # (L, B, KV, T)
+        self.value_scales = torch.zeros(shape, device=device)
+        self.length = 0
+
+    @staticmethod
+    def bytes_per_position(config: ModelConfig) -> int:
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * (config.head_dim + 1) * 4
+
+
+class NormedRows(NamedTuple):
+    """Rows after a norm, ready for a matmul: int16-valued ``q`` (M, C), ``scale`` (M, 1) and,
+    for LayerNorm, the ``mean`` (M, 1, float64) of ``q`` to subtract; see :class:`ExactWeight`."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    mean: torch.Tensor | None
+
+    def select(self, rows: slice) -> NormedRows:
+        return NormedRows(self.q[rows], self.scale[rows], None if self.mean is None else self.mean[rows])
+
+
+def _rms_norm_quantize(x: torch.Tensor, eps: float) -> NormedRows:
+    """RMSNorm (its gain is in the next weights) fused with the int16 quantisation for the next matmul.
+
+    ``x / rms(x)`` quantised per row is ``x`` quantised per row with a
+    different scale, so only the scale carries the norm:
+    ``rms^2 = scale^2 * sum(q^2) / C + eps`` with the exact integer sum.
+    """
+    q, scale = quantize_rows(x, ACT_MAX)
+    scale64 = scale.to(torch.float64)
+    squares = (q.to(torch.float64) ** 2).sum(dim=-1, keepdim=True)  # integers < C * 2^30: exact
+    mean_square = squares * scale64 * scale64 * (1.0 / x.shape[-1]) + eps
+    inverse_rms = torch.reciprocal(torch.sqrt(mean_square))
+    return NormedRows(q, (scale64 * inverse_rms).to(torch.float32), None)
+
+
+def _layer_norm_quantize(x: torch.Tensor, eps: float) -> NormedRows:
+    """LayerNorm (gain and bias are in the next weights) fused with the int16 quantisation.
+
+    With ``q`` the quantised row, ``S = sum(q)`` and ``Q = sum(q^2)`` (exact
+    int64 sums), the variance is ``scale^2 (C Q - S^2) / C^2``, where
+    ``C Q - S^2`` is an exact int64 (< C^2 2^30); the mean ``S / C`` is
+    subtracted after the matmul (:class:`ExactWeight`).
+    """
+    q, scale = quantize_rows(x, ACT_MAX)
+    c = x.shape[-1]
+    whole = q.to(torch.int64)
+    sums = whole.sum(dim=-1, keepdim=True)
+    spread = (whole * whole).sum(dim=-1, keepdim=True) * c - sums * sums  # C Q - S^2 >= 0, exact
+    scale64 = scale.to(torch.float64)
+    variance = spread.to(torch.float64) * scale64 * scale64 * (1.0 / (c * c)) + eps
+    inverse_std = torch.reciprocal(torch.sqrt(variance))
+    return NormedRows(q, (scale64 * inverse_std).to(torch.float32), sums.to(torch.float64) * (1.0 / c))
+
+
+class ExactTransformer:
+    """A transformer on prepared exact weights; see the module docstring for the arithmetic."""
+
+    def __init__(
+        self, config: ModelConfig, exact_weights: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        if self.device.type == "cuda":  # TF32 would round the float32 GEMMs' integer inputs
+            torch.backends.cuda.matmul.allow_tf32 = False
+        w = {name: tensor.to(self.device) for name, tensor in exact_weights.items()}
+
+        def weight(name: str) -> ExactWeight:
+            return ExactWeight(w[f"{name}.q"], w[f"{name}.scale"], w.get(f"{name}.bias"))
+
+        self.embed = w["embed"]
+        self.positions = w.get("positions")  # learned position embeddings (GPT-2)
+        mlp_in = "gate_up" if config.gated_mlp else "up"
+        self.layers = [
+            {part: weight(f"{i}.{part}") for part in ("qkv", "o", mlp_in, "down")}
+            for i in range(config.num_hidden_layers)
+        ]
+        self.lm_head = weight("lm_head")
+        self.norm = _rms_norm_quantize if config.norm == "rms" else _layer_norm_quantize
+        if config.positions == "rope":
+            cos, sin = tables.rope_tables(config.rope_theta, config.rotary_dim, config.max_position_embeddings)
+            self.rope_cos, self.rope_sin = torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device)
+        exp = torch.from_numpy(tables.exp_table(ATTENTION_GRID, 15)).to(torch.float32)  # exact
+        self.attention_exp = exp.to(self.device)
+        activation = tables.activation_table(config.activation)
+        self.activation_table = torch.from_numpy(activation).to(self.device)
+        self.activation_limit = (len(activation) - 1) // 2
+        # IEEE sqrt and division are correctly rounded: the same float everywhere; times the grid (a power of two)
+        self.score_factor = torch.tensor(ATTENTION_GRID / math.sqrt(config.head_dim), device=self.device)
+
+    def new_cache(self, batch: int, max_len: int) -> ExactKVCache:
+        return ExactKVCache(self.config, batch, max_len, self.device)
+
+    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate the first ``rotary_dim`` dims of each head; x: (B, T, heads, hd) float32."""
+        t, dim = x.shape[1], self.config.rotary_dim
+        cos = self.rope_cos[start : start + t, None, :]  # (T, 1, rotary_dim)
+        sin = self.rope_sin[start : start + t, None, :]
+        if dim == x.shape[-1]:
+            rotated = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], dim=-1)
+            return x * cos + rotated * sin
+        part = x[..., :dim]
+        rotated = torch.cat([-part[..., dim // 2 :], part[..., : dim // 2]], dim=-1)
+        return torch.cat([part * cos + rotated * sin, x[..., dim:]], dim=-1)
+
+    def _activation(self, g: torch.Tensor) -> torch.Tensor:
+        """The MLP's activation by table; past the table's range the identity (above) or 0 (below)."""
+        limit = self.activation_limit
+        steps = torch.round(g * float(tables.ACTIVATION_GRID))
+        table = lookup(self.activation_table, steps.clamp(-limit, limit).add_(limit))
+        return torch.where(steps >= limit, g, torch.where(steps <= -limit, 0.0, table))
+
+    def _attention(self, q, k, v, cache: ExactKVCache, layer: int, start: int) -> torch.Tensor:
+        """q: (B, T, H, hd), k and v: (B, T, KV, hd) float32 -> (B, T, H * hd)."""
+        cfg = self.config
+        b, t, heads, hd = q.shape
+        kv_heads = cfg.num_key_value_heads
+        group = heads // kv_heads
+        end = start + t
+        kq, ks = quantize_rows(k, KV_MAX)  # per token and head
+        vq, vs = quantize_rows(v, KV_MAX)
+        cache.keys[layer, :b, :, start:end] = kq.transpose(1, 2)
+        cache.values[layer, :b, :, start:end] = vq.transpose(1, 2)
+        cache.key_scales[layer, :b, :, start:end] = ks[..., 0].transpose(1, 2)
+        cache.value_scales[layer, :b, :, start:end] = vs[..., 0].transpose(1, 2)
+        keys = cache.keys[layer, :b, :, :end]  # (B, KV, S, hd)
+        values = cache.values[layer, :b, :, :end]
+        key_scales = cache.key_scales[layer, :b, :, None, :end]  # (B, KV, 1, S)
+        value_scales = cache.value_scales[layer, :b, :, :end]  # (B, KV, S)
+        running_max = value_scales.cummax(dim=-1).values  # common value scale per query position
+
+        qq, qs = quantize_rows(q, ACT_MAX)  # (B, T, H, hd), (B, T, H, 1)
+        qq = qq.view(b, t, kv_heads, group, hd).permute(0, 2, 3, 1, 4)  # (B, KV, G, T, hd)
+        qs = qs.view(b, t, kv_heads, group, 1).permute(0, 2, 3, 1, 4) * self.score_factor  # includes x64
+        out = torch.empty(b, kv_heads, group, t, hd, device=self.device)
+        for a in range(0, t, QUERY_BLOCK):  # query blocks only bound memory; each position is independent
+            n = min(QUERY_BLOCK, t - a)
+            visible = start + a + n  # keys a query in this block may see, at most
+            both = split_bytes(qq[:, :, :, a : a + n].reshape(b * kv_heads, group * n, hd), dim=1)
+            keys_t = keys[:, :, :visible].reshape(b * kv_heads, visible, hd).transpose(1, 2)
+            raw = torch.matmul(both, keys_t)  # exact integers (bound in module docstring)
+            dots = raw[:, : group * n] * 256.0 + raw[:, group * n :]  # one rounding: the sum
+            dots = dots.view(b, kv_heads, group, n, visible)
+            # scores in units of 1/ATTENTION_GRID (a power of two, folded into the query scale: exact)
+            scores = dots * qs[:, :, :, a : a + n] * key_scales[..., :visible].unsqueeze(2)
+            if t > 1:  # positions after each query are invisible
+                rows = torch.arange(start + a, start + a + n, device=self.device)[:, None]
+                hidden = torch.arange(visible, device=self.device)[None, :] > rows  # (n, visible)
+                scores = scores.masked_fill_(hidden, float("-inf"))
+            top = scores.amax(dim=-1, keepdim=True)
+            steps = torch.round_(top - scores).clamp_(max=len(self.attention_exp) - 1)
+            e = lookup(self.attention_exp, steps)  # integers <= 2^15
+            denominator = e.sum(dim=-1, keepdim=True, dtype=torch.float64)  # integer sum < 2^53: exact
+            common = running_max[:, :, None, start + a : start + a + n, None]  # (B, KV, 1, n, 1)
+            factor = torch.full_like(denominator, float(ATTENTION_ONE)) / (denominator * common.to(torch.float64))
+            weights = torch.round_(e.mul_(value_scales[:, :, None, None, :visible]).mul_(factor.to(torch.float32)))
+            mixed = torch.matmul(
+                weights.view(b * kv_heads, group * n, visible), values[:, :, :visible].reshape(-1, visible, hd)
+            )  # exact integers
+            unit = common * (1.0 / ATTENTION_ONE)  # a power of two: exact
+            out[:, :, :, a : a + n] = mixed.view(b, kv_heads, group, n, hd) * unit
+        return out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
+
+    def _mlp(self, layer: dict, normed: NormedRows) -> torch.Tensor:
+        if self.config.gated_mlp:
+            gate_up = layer["gate_up"](*normed)
+            inner = self.config.intermediate_size
+            mixed = self._activation(gate_up[:, :inner]) * gate_up[:, inner:]
+        else:
+            mixed = self._activation(layer["up"](*normed))
+        return layer["down"](*quantize_rows(mixed, ACT_MAX))
+
+    def hidden(self, tokens: torch.Tensor, cache: ExactKVCache) -> NormedRows:
+        """Run ``tokens`` (B, T) after what ``cache`` holds; return the final normed rows (B * T of them)."""
+        cfg = self.config
+        tokens = tokens.to(self.device)
+        b, t = tokens.shape
+        start = cache.length
+        heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        eps = cfg.norm_eps
+        x = self.embed[tokens]  # (B, T, C) float32
+        if self.positions is not None:
+            x = x + self.positions[start : start + t]
+        x = x.reshape(b * t, cfg.hidden_size)
+        for i, layer in enumerate(self.layers):
+            qkv = layer["qkv"](*self.norm(x, eps))
+            q = qkv[:, : heads * hd].view(b, t, heads, hd)
+            k = qkv[:, heads * hd : (heads + kv_heads) * hd].view(b, t, kv_heads, hd)
+            v = qkv[:, (heads + kv_heads) * hd :].view(b, t, kv_heads, hd)
+            if cfg.positions == "rope":
+                q, k = self._rope(q, start), self._rope(k, start)
+            attn = self._attention(q, k, v, cache, i, start)
+            attn = layer["o"](*quantize_rows(attn.reshape(b * t, heads * hd), ACT_MAX))
+            if cfg.parallel_residual:
+                x = x + attn + self._mlp(layer, self.norm(x, eps))
+            else:
+                x = x + attn
+                x = x + self._mlp(layer, self.norm(x, eps))
+        cache.length = start + t
+        return self.norm(x, eps)
+
+    def logits(self, rows: NormedRows) -> torch.Tensor:
+        """Final logits (M, V) float32 on the CPU for rows returned by :meth:`hidden`."""
+        return self.lm_head(*rows).cpu()
+
+    def prefill(self, tokens: torch.Tensor, cache: ExactKVCache) -> None:
+        """Run ``tokens`` (B, T) into ``cache`` only (no logits)."""
+        self.hidden(tokens, cache)
+
+    def forward(self, tokens: torch.Tensor, cache: ExactKVCache) -> torch.Tensor:
+        """Logits (B, T, V) for ``tokens`` (B, T) after what ``cache`` holds."""
+        return self.logits(self.hidden(tokens, cache)).view(*tokens.shape, -1)
