@@ -145,7 +145,8 @@ class Decompressor:
             raise ArchiveError(f"unsupported numerics engine {kind!r}")
         key = (have["weights_sha256"], kind, threads)
         if self._coder is None or self._coder_key != key:
-            self._coder = LlmCoder(create_engine(kind, self._model, threads, batch, self._device), self._model.tokenizer)
+            engine = create_engine(kind, self._model, threads, batch, self._device)
+            self._coder = LlmCoder(engine, self._model.tokenizer)
             self._coder_key = key
         return self._coder
 
