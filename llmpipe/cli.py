@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmpipe",
         description="Lossless compression with a language model driving a range coder.",
-        epilog="Commands: `llmpipe fetch` puts the default model into the cache.",
+        epilog="Commands: `llmpipe fetch [MODEL]` puts a model into the cache; `llmpipe models [--plan MODEL | "
+        "--remove NAME]` lists the cache, removes a model, or plans a model's memory without loading it.",
     )
     p.add_argument("files", nargs="*", metavar="FILE", help="files to process (none or '-': stdin to stdout)")
     mode = p.add_mutually_exclusive_group()
@@ -147,13 +148,81 @@ def _byte_range(text: str) -> tuple[int, int | None]:
     return lo, hi
 
 
-def _fetch() -> int:
+def _fetch(argv: list[str]) -> int:
+    """``llmpipe fetch [MODEL]``: fill the cache now, for a machine that will later be offline."""
     from llmpipe.models import cache
 
-    path = cache.fetch_default(log=lambda m: print(m, file=sys.stderr))
-    model = cache.load(None)
-    print(f"{path} (weights sha256 {model.weights_sha256[:16]}..., loads in {model.load_seconds:.2f} s)")
+    parser = argparse.ArgumentParser(prog="llmpipe fetch", description="put a model into llmpipe's cache")
+    parser.add_argument("model", nargs="?", default=None, help="default, a Hugging Face id, a directory or a .gguf")
+    args = parser.parse_args(argv)
+    if args.model in (None, "default", cache.DEFAULT_MODEL):
+        cache.fetch_default(log=lambda m: print(m, file=sys.stderr))
+    model = cache.load(args.model)
+    print(f"{model.directory} (weights sha256 {model.weights_sha256[:16]}..., loads in {model.load_seconds:.2f} s)")
     return 0
+
+
+def _models(argv: list[str]) -> int:
+    """``llmpipe models``: list the cache, remove a model, or plan a model's memory without loading it."""
+    from llmpipe.engine.plan import parameter_count, plan_memory
+    from llmpipe.models import cache
+
+    parser = argparse.ArgumentParser(prog="llmpipe models", description="the model cache and memory plans")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--plan", metavar="MODEL", help="print the memory MODEL needs (no weights are loaded)")
+    action.add_argument("--remove", metavar="NAME", help="delete a cached model")
+    parser.add_argument("--numerics", choices=("exact", "float"), default="exact")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("-b", "--batch", type=int, default=DEFAULT_BATCH, metavar="ROWS")
+    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, metavar="TOKENS")
+    parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
+    parser.add_argument("--mixer", choices=("ngram-match", "none"), default="ngram-match")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
+    parser.add_argument("-M", "--memory", type=_memory_size, metavar="SIZE", help="limit to check against, e.g. 16G")
+    args = parser.parse_args(argv)
+    if args.remove:
+        print(f"removed {cache.remove(args.remove)}")
+        return 0
+    if args.plan:
+        config = cache.find_config(args.plan)
+        positions = min(args.context or args.chunk_size, config.max_position_embeddings)
+        row_symbols = int(args.chunk_size / 1.5) if args.mixer != "none" else 0
+        plan = plan_memory(
+            config,
+            numerics=args.numerics,
+            dtype=args.dtype,
+            batch=args.batch,
+            positions=positions,
+            row_symbols=row_symbols,
+            limit=args.memory,
+            device="cpu" if args.device == "cpu" else "cuda",
+        )
+        print(
+            f"{args.plan}: {config.arch}, {parameter_count(config) / 1e6:.0f}M parameters; {args.numerics} numerics"
+            + (f" ({args.dtype})" if args.numerics == "float" else "")
+            + f", batch {args.batch} x {positions} positions, on {args.device}"
+        )
+        print("\n".join(plan.render()))
+        return 0 if plan.fits() else 1
+    models = cache.cached_models()
+    if not models:
+        print(f"no models in {cache.cache_dir() / 'models'} (`llmpipe fetch` puts the default one there)")
+    for model in models:
+        size = f"{model.disk_bytes / 2**20:.0f} MiB"
+        print(f"{model.name:<36} {model.arch:<9} {size:>9}  sha256 {model.weights_sha256[:16]}  {model.directory}")
+    return 0
+
+
+def _memory_size(text: str) -> int:
+    """``16G``, ``512M``, ``16GB`` or bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    number = text.lower().removesuffix("ib").removesuffix("b")
+    try:
+        if number[-1:] in units:
+            return int(float(number[:-1]) * units[number[-1]])
+        return int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
 class _PartFile:
@@ -390,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # runs cleanup like Ctrl-C does
     try:
         if argv[:1] == ["fetch"]:
-            return _fetch()
+            return _fetch(argv[1:])
+        if argv[:1] == ["models"]:
+            return _models(argv[1:])
         args = _parser().parse_args(argv)
         files = args.files or ["-"]
         if args.list:

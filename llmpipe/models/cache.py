@@ -217,6 +217,67 @@ def resolve(spec: str | None) -> Path:
     return target if (target / _META).exists() else prepare_hf(spec, target, spec)
 
 
+@dataclass
+class CachedModel:
+    """One prepared model in the cache, as ``llmpipe models`` lists it."""
+
+    name: str
+    arch: str
+    source: str
+    weights_sha256: str
+    disk_bytes: int
+    directory: Path
+
+
+def cached_models() -> list[CachedModel]:
+    """Every prepared model in the cache, by name."""
+    found = []
+    for meta_path in sorted((cache_dir() / "models").glob(f"*/{_META}")):
+        meta = json.loads(meta_path.read_text())
+        directory = meta_path.parent
+        size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        found.append(CachedModel(meta["name"], meta["arch"], meta["source"], meta["weights_sha256"], size, directory))
+    return sorted(found, key=lambda m: m.name)
+
+
+def remove(name: str) -> Path:
+    """Delete a cached model, named as ``llmpipe models`` shows it or by its directory name."""
+    for model in cached_models():
+        if name in (model.name, model.directory.name):
+            shutil.rmtree(model.directory)
+            return model.directory
+    raise ModelError(f"no cached model named {name!r} (see `llmpipe models`)")
+
+
+def find_config(spec: str | None) -> ModelConfig:
+    """A model's architecture without loading or fetching weights, for memory plans.
+
+    Looked up in order: the models the study used (``llmpipe.models.known``),
+    the cache (by name or directory), a local checkpoint's ``config.json``,
+    then the Hugging Face cache (offline).
+    """
+    from llmpipe.models.known import known_config
+
+    if spec in (None, "", "default"):
+        spec = DEFAULT_MODEL
+    if config := known_config(spec):
+        return config
+    for model in cached_models():
+        if spec in (model.name, model.directory.name, str(model.directory)):
+            return ModelConfig.from_dict(json.loads((model.directory / "config.json").read_text()))
+    if spec == DEFAULT_MODEL:
+        return known_config("HuggingFaceTB/SmolLM2-135M-Instruct")
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        return ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    transformers = _quiet_transformers()
+    try:
+        hf = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError):
+        raise ModelError(f"no configuration known for {spec!r} offline (a cached, local or study model)") from None
+    return ModelConfig.from_hf(hf.to_dict())
+
+
 def load(spec: str | None) -> LoadedModel:
     """Resolve ``spec`` and load the prepared model."""
     directory = resolve(spec)

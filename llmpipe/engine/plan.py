@@ -1,0 +1,134 @@
+"""The memory plan: what coding with a model will need, from its configuration alone.
+
+``llmpipe models --plan MODEL`` prints it without loading any weights, so a
+user learns before a long run (or a download) whether a model, batch and
+context fit the machine. Every figure is computed from the architecture and
+the engines' own layouts: weights as each engine holds them, the key/value
+cache of ``batch x positions``, the largest temporaries of one pass, and the
+mixer's history models. The activation figure is an estimate of the largest
+live temporaries (within a small factor); the other parts are exact sizes of
+the tensors the engines allocate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmpipe.engine.exact_engine import HEAD_SLICE, TOKENS_PER_PASS
+from llmpipe.engine.exact_transformer import QUERY_BLOCK, ExactKVCache
+from llmpipe.engine.memory import HISTORY_BYTES_PER_SYMBOL
+from llmpipe.models.config import ModelConfig
+from llmpipe.tokenization import ESCAPE_SYMBOLS
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _matmul_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of every matmul of the network, the output head included."""
+    c, inner, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
+    mlp_in = 2 * inner if config.gated_mlp else inner
+    layer = [(qkv, c), (c, config.num_attention_heads * hd), (mlp_in, c), (c, inner)]
+    return layer * config.num_hidden_layers + [(config.vocab_size, c)]
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Weights of the checkpoint (norms and biases left out: under 0.1% of any supported model)."""
+    matmuls = sum(n * k for n, k in _matmul_shapes(config))
+    tied = config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
+    embeddings = config.vocab_size * config.hidden_size
+    positions = config.max_position_embeddings * config.hidden_size if config.positions == "learned" else 0
+    return matmuls - tied + embeddings + positions
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per part, in the order they are printed, against an optional limit."""
+
+    parts: dict[str, int]  # on the device the model runs on
+    host_parts: dict[str, int]  # in the host's memory when that is another one (a GPU's host)
+    limit: int | None
+    where: str
+    per_row: int  # the part of the total that grows with each row of the batch
+    batch: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def fits(self) -> bool:
+        return self.limit is None or self.total <= self.limit
+
+    def largest_batch(self) -> int:
+        """The most rows that fit the limit with everything else unchanged (0: not even one)."""
+        if self.limit is None:
+            return self.batch
+        fixed = self.total - self.per_row * self.batch
+        return max(0, (self.limit - fixed) // self.per_row) if self.per_row else self.batch
+
+    def render(self) -> list[str]:
+        lines = [f"  {name:<34} {_gib(size):>10}" for name, size in self.parts.items()]
+        lines.append(f"  {'total on ' + self.where:<34} {_gib(self.total):>10}")
+        lines += [f"  {name + ' (host)':<34} {_gib(size):>10}" for name, size in self.host_parts.items()]
+        if self.limit is None:
+            lines.append(f"fits: no limit given (-M); needs {_gib(self.total)} of {self.where} memory")
+        elif self.fits():
+            lines.append(f"fits: yes, {_gib(self.total)} of the {_gib(self.limit)} limit on {self.where}")
+        else:
+            advice = f"--batch {self.largest_batch()} fits" if self.largest_batch() else "a smaller --context"
+            lines.append(f"fits: NO, {_gib(self.total)} over the {_gib(self.limit)} limit on {self.where} ({advice})")
+        return lines
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def plan_memory(
+    config: ModelConfig,
+    *,
+    numerics: str = "exact",
+    dtype: str = "float32",
+    batch: int = 64,
+    positions: int = 1024,
+    row_symbols: int = 0,
+    limit: int | None = None,
+    device: str = "cpu",
+) -> MemoryPlan:
+    """The memory of coding ``batch`` rows with contexts of ``positions`` (``row_symbols`` for the mixer).
+
+    On the CPU the float weights the model cache loads are counted too (the
+    exact engine derives its int8 weights from them and keeps both).
+    """
+    c, vocab = config.hidden_size, config.vocab_size
+    shapes = _matmul_shapes(config)
+    embeddings = (vocab + (config.max_position_embeddings if config.positions == "learned" else 0)) * c
+    parts: dict[str, int] = {}
+    host: dict[str, int] = {}
+    if numerics == "exact":
+        row_extra = 8 if config.norm == "layer" else 4  # a float32 scale, and a float32 bias where norms have one
+        parts["weights, int8 + scales"] = sum(n * k + row_extra * n for n, k in shapes) + 4 * embeddings
+        (parts if device == "cpu" else host)["weights, float32 (cache)"] = 4 * parameter_count(config)
+        kv_row = positions * ExactKVCache.bytes_per_position(config)
+        widest = max(n for n, _ in shapes[:-1])
+        rows_per_pass = max(1, TOKENS_PER_PASS // positions)
+        encoder = TOKENS_PER_PASS * widest * (4 + 8 + 8)  # float32 out, two int32 halves, float64 centring
+        scores = rows_per_pass * config.num_attention_heads * QUERY_BLOCK * positions * 4 * 4
+        tables = HEAD_SLICE * (vocab * 4 + (vocab + ESCAPE_SYMBOLS) * 8 * 2)
+        table_row = vocab * 4 + (vocab + ESCAPE_SYMBOLS) * 8 * 2
+        parts["activations (estimate)"] = max(encoder + scores + tables, batch * table_row)
+    else:
+        size = DTYPE_BYTES[dtype]
+        parts[f"weights, {dtype}"] = size * parameter_count(config)
+        kv_row = positions * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
+        table_row = vocab * 4 + (vocab + ESCAPE_SYMBOLS) * 8 * 2
+        step = batch * table_row
+        prefill = TOKENS_PER_PASS * (max(n for n, _ in shapes[:-1]) + c * 4) * size
+        attention = TOKENS_PER_PASS * config.num_attention_heads * positions * size * 2  # scores and softmax
+        parts["activations (estimate)"] = max(step, prefill + attention)
+    parts["KV cache"] = batch * kv_row
+    per_row = kv_row
+    if row_symbols:  # the mixer runs in the host's memory
+        (parts if device == "cpu" else host)["mixer history"] = batch * row_symbols * HISTORY_BYTES_PER_SYMBOL
+        per_row += row_symbols * HISTORY_BYTES_PER_SYMBOL if device == "cpu" else 0
+    return MemoryPlan(parts, host, limit, device, per_row, batch)

@@ -1,0 +1,63 @@
+"""The memory plan: its exact parts equal what the engines allocate; the CLI answers from configs alone."""
+
+import pytest
+import torch
+
+from llmpipe.engine.exact_transformer import ExactTransformer, prepare_exact_weights
+from llmpipe.engine.plan import parameter_count, plan_memory
+from llmpipe.models.known import known_config
+from tests.conftest import ARCHITECTURES
+from tests.test_cli import run
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_exact_parts_are_the_allocated_sizes(tiny_models, arch):
+    model = tiny_models[arch]
+    config = model.config
+    plan = plan_memory(config, batch=5, positions=77, device="cpu")
+    cache = ExactTransformer(config, prepare_exact_weights(config, model.weights)).new_cache(5, 77)
+    kv = sum(t.numel() * t.element_size() for t in (cache.keys, cache.values, cache.key_scales, cache.value_scales))
+    assert plan.parts["KV cache"] == kv
+    prepared = prepare_exact_weights(config, model.weights)
+    held = sum(t.numel() * t.element_size() for t in prepared.values())
+    assert plan.parts["weights, int8 + scales"] == held
+    canonical = sum(t.numel() for name, t in model.weights.items() if name.endswith("weight") and t.dim() == 2)
+    assert parameter_count(config) == canonical
+    assert plan.parts["weights, float32 (cache)"] == 4 * canonical
+
+
+def test_batch_advice_fits_the_limit():
+    config = known_config("openlm-research/open_llama_7b")
+    plan = plan_memory(config, batch=64, positions=1024, limit=16 << 30, device="cuda", row_symbols=10000)
+    assert not plan.fits() and "mixer history" in plan.host_parts
+    advised = plan_memory(config, batch=plan.largest_batch(), positions=1024, limit=16 << 30, device="cuda")
+    assert advised.fits()
+    assert not plan_memory(config, batch=plan.largest_batch() + 1, positions=1024, limit=16 << 30, device="cuda").fits()
+
+
+def test_plan_command_needs_no_weights():
+    done = run(["models", "--plan", "openlm-research/open_llama_7b", "-M", "16GB", "--device", "cuda"])
+    assert done.returncode == 1, done.stderr
+    last = done.stdout.decode().strip().splitlines()[-1]
+    assert last.startswith("fits: NO") and "--batch 8 fits" in last
+    done = run(["models", "--plan", "EleutherAI/pythia-70m", "-b", "8"])
+    assert done.returncode == 0 and b"gpt_neox, 70M parameters" in done.stdout
+    done = run(["models", "--plan", "no/such-model"])
+    assert done.returncode == 1 and done.stderr.count(b"\n") == 1 and b"no configuration known" in done.stderr
+
+
+def test_list_and_remove(tiny_models, tiny_model_dirs):
+    listed = run(["models"]).stdout.decode()
+    assert "gpt_neox" in listed and "gpt2" in listed
+    name = tiny_models["gpt2"].name
+    assert run(["models", "--remove", name]).returncode == 0
+    assert "gpt2 " not in run(["models"]).stdout.decode()
+    assert run(["models", "--remove", name]).returncode == 1
+    restored = run(["fetch", str(tiny_model_dirs["gpt2"])])  # prepares it again
+    assert restored.returncode == 0, restored.stderr
+    assert torch.equal(
+        __import__("llmpipe.models.cache", fromlist=["load"])
+        .load(str(tiny_model_dirs["gpt2"]))
+        .weights["model.embed_tokens.weight"],
+        tiny_models["gpt2"].weights["model.embed_tokens.weight"],
+    )
