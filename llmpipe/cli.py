@@ -127,11 +127,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20}
+    """Bytes: ``4096``, ``8K``, ``16M``, ``16GB``, ``1.5GiB`` (binary units)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    number = text.lower().removesuffix("ib").removesuffix("b")
     try:
-        if text[-1:].lower() in units:
-            return int(text[:-1]) * units[text[-1].lower()]
-        return int(text)
+        if number[-1:] in units:
+            return int(float(number[:-1]) * units[number[-1]])
+        return int(number)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
@@ -164,6 +166,7 @@ def _fetch(argv: list[str]) -> int:
 
 def _models(argv: list[str]) -> int:
     """``llmpipe models``: list the cache, remove a model, or plan a model's memory without loading it."""
+    from llmpipe.compressor import MIN_BYTES_PER_SYMBOL
     from llmpipe.engine.plan import parameter_count, plan_memory
     from llmpipe.models import cache
 
@@ -178,15 +181,16 @@ def _models(argv: list[str]) -> int:
     parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
     parser.add_argument("--mixer", choices=("ngram-match", "none"), default="ngram-match")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
-    parser.add_argument("-M", "--memory", type=_memory_size, metavar="SIZE", help="limit to check against, e.g. 16G")
+    parser.add_argument("-M", "--memory", type=_size, metavar="SIZE", help="limit to check against, e.g. 16G")
     args = parser.parse_args(argv)
     if args.remove:
         print(f"removed {cache.remove(args.remove)}")
         return 0
     if args.plan:
         config = cache.find_config(args.plan)
-        positions = min(args.context or args.chunk_size, config.max_position_embeddings)
-        row_symbols = int(args.chunk_size / 1.5) if args.mixer != "none" else 0
+        # as the compressor bounds them: a row has at most chunk_size symbols, a context at most the window
+        positions = min(args.chunk_size, args.context or args.chunk_size, config.max_position_embeddings)
+        row_symbols = int(args.chunk_size / MIN_BYTES_PER_SYMBOL) if args.mixer != "none" else 0
         plan = plan_memory(
             config,
             numerics=args.numerics,
@@ -211,18 +215,6 @@ def _models(argv: list[str]) -> int:
         size = f"{model.disk_bytes / 2**20:.0f} MiB"
         print(f"{model.name:<36} {model.arch:<9} {size:>9}  sha256 {model.weights_sha256[:16]}  {model.directory}")
     return 0
-
-
-def _memory_size(text: str) -> int:
-    """``16G``, ``512M``, ``16GB`` or bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    number = text.lower().removesuffix("ib").removesuffix("b")
-    try:
-        if number[-1:] in units:
-            return int(float(number[:-1]) * units[number[-1]])
-        return int(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
 class _PartFile:

@@ -36,6 +36,7 @@ full-sequence pass (the encoder) or one step at a time through the KV cache
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -65,7 +66,11 @@ class ExactWeight:
         self.q_t = q.t().contiguous()  # (K, N) int8
         self.scale = scale.to(torch.float32)  # (N,)
         self.bias = bias  # (N,) float32 or None
-        self.row_sums = q.sum(dim=1, dtype=torch.int64).to(torch.float64)  # W 1, exact (|.| < 2^23 K)
+
+    @cached_property
+    def row_sums(self) -> torch.Tensor:
+        """``W 1`` (N,) float64, exact (|.| < 2^7 K): only matmuls after a LayerNorm need it."""
+        return self.q_t.sum(dim=0, dtype=torch.int64).to(torch.float64)
 
     def __call__(self, xq: torch.Tensor, row_scale: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
         """``(M, K)`` quantised rows with ``(M, 1)`` scales -> float32 ``(M, N)``.
@@ -249,12 +254,10 @@ class ExactTransformer:
         t, dim = x.shape[1], self.config.rotary_dim
         cos = self.rope_cos[start : start + t, None, :]  # (T, 1, rotary_dim)
         sin = self.rope_sin[start : start + t, None, :]
-        if dim == x.shape[-1]:
-            rotated = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], dim=-1)
-            return x * cos + rotated * sin
-        part = x[..., :dim]
+        part = x[..., :dim]  # all of x for Llama
         rotated = torch.cat([-part[..., dim // 2 :], part[..., : dim // 2]], dim=-1)
-        return torch.cat([part * cos + rotated * sin, x[..., dim:]], dim=-1)
+        turned = part * cos + rotated * sin
+        return turned if dim == x.shape[-1] else torch.cat([turned, x[..., dim:]], dim=-1)
 
     def _activation(self, g: torch.Tensor) -> torch.Tensor:
         """The MLP's activation by table; past the table's range the identity (above) or 0 (below)."""

@@ -73,9 +73,10 @@ class Transformer:
         t, dim = x.shape[-2], self.config.rotary_dim
         cos = self.rope_cos[start : start + t]  # (T, rotary_dim)
         sin = self.rope_sin[start : start + t]
-        part = x[..., :dim]
+        part = x[..., :dim]  # all of x for Llama
         rotated = torch.cat([-part[..., dim // 2 :], part[..., : dim // 2]], dim=-1)
-        return torch.cat([part * cos + rotated * sin, x[..., dim:]], dim=-1)
+        turned = part * cos + rotated * sin
+        return turned if dim == x.shape[-1] else torch.cat([turned, x[..., dim:]], dim=-1)
 
     def _mlp(self, h: torch.Tensor, layer: dict) -> torch.Tensor:
         if self.config.gated_mlp:

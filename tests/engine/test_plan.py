@@ -5,6 +5,7 @@ import torch
 
 from llmpipe.engine.exact_transformer import ExactTransformer, prepare_exact_weights
 from llmpipe.engine.plan import parameter_count, plan_memory
+from llmpipe.models import cache
 from llmpipe.models.known import known_config
 from tests.conftest import ARCHITECTURES
 from tests.test_cli import run
@@ -55,9 +56,5 @@ def test_list_and_remove(tiny_models, tiny_model_dirs):
     assert run(["models", "--remove", name]).returncode == 1
     restored = run(["fetch", str(tiny_model_dirs["gpt2"])])  # prepares it again
     assert restored.returncode == 0, restored.stderr
-    assert torch.equal(
-        __import__("llmpipe.models.cache", fromlist=["load"])
-        .load(str(tiny_model_dirs["gpt2"]))
-        .weights["model.embed_tokens.weight"],
-        tiny_models["gpt2"].weights["model.embed_tokens.weight"],
-    )
+    again = cache.load(str(tiny_model_dirs["gpt2"])).weights["model.embed_tokens.weight"]
+    assert torch.equal(again, tiny_models["gpt2"].weights["model.embed_tokens.weight"])

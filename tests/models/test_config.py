@@ -2,20 +2,10 @@
 
 import pytest
 
+from llmpipe.engine.plan import parameter_count
 from llmpipe.errors import ModelError
 from llmpipe.models.config import ModelConfig
 from llmpipe.models.known import KNOWN_CONFIGS, known_config
-
-
-def _parameters(config: ModelConfig) -> int:
-    """Weight count from the architecture alone (embeddings, attention, MLP, norms, head)."""
-    c, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * config.head_dim
-    attention = c * (c + 2 * kv) + c * c
-    mlp = (3 if config.gated_mlp else 2) * c * inner
-    extra = config.max_position_embeddings * c if config.positions == "learned" else 0
-    head = 0 if config.tie_word_embeddings else config.vocab_size * c
-    return config.vocab_size * c + layers * (attention + mlp) + extra + head
 
 
 @pytest.mark.parametrize(
@@ -32,7 +22,7 @@ def _parameters(config: ModelConfig) -> int:
 def test_study_models_read_to_their_published_sizes(name, arch, millions):
     config = known_config(name)
     assert config.arch == arch
-    assert abs(_parameters(config) / 1e6 - millions) / millions < 0.01
+    assert abs(parameter_count(config) / 1e6 - millions) / millions < 0.01
 
 
 def test_pythia_and_gpt2_details():
