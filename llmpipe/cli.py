@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from llmpipe import __version__
-from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_THREADS
+from llmpipe.defaults import (
+    DEFAULT_BATCH,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONTEXT,
+    DEFAULT_OVERLAP,
+    DEFAULT_THREADS,
+    FLOAT_DTYPES,
+)
 from llmpipe.errors import DamagedArchiveError, LlmpipeError, UsageError
 
 SUFFIX = ".llmp"
@@ -115,7 +122,18 @@ def _parser() -> argparse.ArgumentParser:
         choices=("exact", "float"),
         default="exact",
         help="exact: integer arithmetic, decodes on any machine (default); "
-        "float: float32, decodes only where the machine and settings match",
+        "float: float32/16 (see --dtype), decodes only where the machine and settings match",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=FLOAT_DTYPES,
+        default="float32",
+        help="with --numerics float: the weights' and activations' dtype (default %(default)s)",
+    )
+    p.add_argument(
+        "--load-in-8bit",
+        action="store_true",
+        help="with --numerics float: int8 weights through bitsandbytes (LLM.int8), half of float16's memory",
     )
     p.add_argument(
         "--mixer",
@@ -400,6 +418,8 @@ def _compress_work(args: argparse.Namespace):
         overlap=args.overlap,
         mixing=args.mixer != "none",
         device=args.device,
+        dtype=args.dtype,
+        load_in_8bit=args.load_in_8bit,
     )
 
     def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:

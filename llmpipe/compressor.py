@@ -129,6 +129,8 @@ class Compressor:
         overlap: int = DEFAULT_OVERLAP,
         mixing: bool = True,
         device: str = "cpu",
+        dtype: str = "float32",
+        load_in_8bit: bool = False,
     ) -> None:
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
@@ -147,7 +149,7 @@ class Compressor:
         self.batch = batch
         self.mixing = mixing
         self.threads = threads
-        engine = create_engine(numerics, self.model, threads, batch, device)
+        engine = create_engine(numerics, self.model, threads, batch, device, dtype, load_in_8bit)
         # a row never has more symbols than chunk_size, nor a context more than the window
         worst_positions = min(self.context.longest_context(chunk_size), engine.max_positions)
         try:  # refuse now what a group of this size could need, not hours into the input

@@ -26,8 +26,8 @@ import zstandard
 from llmpipe import mixer
 from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.compressor import Stats
-from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_THREADS
-from llmpipe.engine import create_engine
+from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_THREADS, FLOAT_DTYPES
+from llmpipe.engine import create_engine, usable_device
 from llmpipe.engine.exact_transformer import NUMERICS_VERSION
 from llmpipe.engine.float_engine import numeric_fingerprint
 from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, ModelError, ModelMismatchError
@@ -128,12 +128,17 @@ class Decompressor:
                     f"this llmpipe implements version {NUMERICS_VERSION} (a newer llmpipe may decode it)"
                 )
             threads, batch = self._threads, 0  # exact results depend on neither
+            dtype, load_in_8bit = "float32", False
         elif kind == "float":
             threads = _header_field(header, "numerics.threads", int)
             batch = _header_field(header, "numerics.batch", int)
             if not (1 <= threads <= 256 and 1 <= batch <= MAX_ROWS):
                 raise ArchiveError("corrupt header: threads or batch out of range")
-            mine = numeric_fingerprint(threads, batch)
+            dtype = _header_field(header, "numerics.dtype", str)
+            load_in_8bit = numerics.get("load_in_8bit", False) is True
+            if dtype not in FLOAT_DTYPES:
+                raise ArchiveError(f"unsupported float dtype {dtype!r}")
+            mine = numeric_fingerprint(threads, batch, dtype, load_in_8bit, usable_device(self._device))
             differ = sorted(k for k in set(mine) | set(numerics) if mine.get(k) != numerics.get(k))
             if differ and not self._force:
                 detail = ", ".join(f"{k} {numerics.get(k)!r} here {mine.get(k)!r}" for k in differ)
@@ -143,9 +148,9 @@ class Decompressor:
                 )
         else:
             raise ArchiveError(f"unsupported numerics engine {kind!r}")
-        key = (have["weights_sha256"], kind, threads)
+        key = (have["weights_sha256"], kind, threads, dtype, load_in_8bit)
         if self._coder is None or self._coder_key != key:
-            engine = create_engine(kind, self._model, threads, batch, self._device)
+            engine = create_engine(kind, self._model, threads, batch, self._device, dtype, load_in_8bit)
             self._coder = LlmCoder(engine, self._model.tokenizer)
             self._coder_key = key
         return self._coder

@@ -11,3 +11,4 @@ DEFAULT_BATCH = 64
 DEFAULT_THREADS = 2
 DEFAULT_CONTEXT = 1024  # tokens a prediction sees at most; 0: the whole chunk
 DEFAULT_OVERLAP = 256  # tokens kept when the context window restarts
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # --dtype choices of the float engine

@@ -155,6 +155,18 @@ def test_unusable_device_is_one_line(model_args, device):
     assert done.stderr.count(b"\n") == 1 and b"--device" in done.stderr
 
 
+def test_float_weight_options_round_trip_and_exact_refuses_them(model_args, tmp_path):
+    """--numerics float --dtype float16 --load-in-8bit through the CLI; the same options with exact numerics
+    are refused in one line, exit 1, nothing on stdout."""
+    data = b"A float16 run with 8-bit weights, through the command line. " * 30
+    done = run(["-c", *model_args, "--numerics", "float", "--dtype", "float16", "--load-in-8bit"], data)
+    assert done.returncode == 0, done.stderr
+    assert run(["-d", *model_args], done.stdout).stdout == data
+    refused = run(["-c", *model_args, "--dtype", "float16"], data)
+    assert refused.returncode == 1 and refused.stdout == b""
+    assert refused.stderr.count(b"\n") == 1 and b"--numerics float" in refused.stderr
+
+
 def test_dev_full_fails(archive):
     if not Path("/dev/full").exists():
         pytest.skip("/dev/full not available")

@@ -13,6 +13,7 @@ from llmpipe.compressor import Compressor, split_rows, utf8_safe_split
 from llmpipe.decompressor import Decompressor
 from llmpipe.errors import ArchiveError, ChecksumError, ModelMismatchError
 from tests.bad_archives import split_header, split_index
+from tests.conftest import ARCHITECTURES
 from tests.tiny_model import DATA
 
 TEXT = (DATA / "alice_chapter1.txt").read_bytes()
@@ -138,6 +139,35 @@ def test_other_architectures_round_trip(tiny_models, arch, numerics):
     assert Decompressor(model).decompress(sink.getvalue()) == data
     header, _ = split_header(sink.getvalue())
     assert header["model"]["arch"] == arch
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("dtype, load_in_8bit", [("float16", False), ("bfloat16", False), ("float32", True)])
+def test_float_dtypes_and_8bit_weights_round_trip(tiny_models, arch, dtype, load_in_8bit):
+    """The float engine at each --dtype and with --load-in-8bit: the header records the choice and the
+    decoder, reading it, rebuilds the same network (here with a different decoder batch, which float
+    archives ignore)."""
+    model = tiny_models[arch]
+    data = TEXT[:2000] + b"\xff\x00 tail"
+    compressor = Compressor(
+        model, chunk_size=700, batch=3, threads=1, numerics="float", dtype=dtype, load_in_8bit=load_in_8bit
+    )
+    sink = io.BytesIO()
+    stats = compressor.compress_stream(io.BytesIO(data), sink)
+    assert stats.llm_input_bytes > 1400
+    numerics = split_header(sink.getvalue())[0]["numerics"]
+    assert numerics["dtype"] == dtype
+    assert numerics.get("load_in_8bit", False) == load_in_8bit
+    assert ("bitsandbytes" in numerics) == load_in_8bit
+    assert Decompressor(model, batch=1).decompress(sink.getvalue()) == data
+
+
+def test_exact_numerics_refuse_float_weight_options(tiny_model):
+    from llmpipe.errors import UsageError
+
+    for options in ({"dtype": "float16"}, {"load_in_8bit": True}):
+        with pytest.raises(UsageError, match="--dtype and --load-in-8bit choose the float engine"):
+            Compressor(tiny_model, numerics="exact", **options)
 
 
 @pytest.mark.parametrize("mixing", [False, True])

@@ -11,10 +11,13 @@ checks the logits against ``transformers`` for each architecture.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
 from llmpipe.models.config import ModelConfig
+from llmpipe.models.linear import DenseLinear, Int8Linear
 
 ACTIVATION_FUNCTIONS = {
     "silu": F.silu,
@@ -26,47 +29,77 @@ ACTIVATION_FUNCTIONS = {
 class KVCache:
     """Keys and values for ``batch`` sequences of up to ``max_len`` positions, preallocated."""
 
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype)  # (L, B, KV, T, hd)
-        self.values = torch.zeros(shape, dtype=dtype)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, KV, T, hd)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # positions filled so far, the same for every row (lockstep)
 
 
 class Transformer:
     """The forward pass over a canonical weight dictionary."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: str = "cpu",
+        load_in_8bit: bool = False,
+    ) -> None:
+        """Take each weight from ``weights`` (possibly a lazy, memory-mapped mapping) to ``device`` in ``dtype``;
+        with ``load_in_8bit`` the blocks' linear layers become int8 (``models.linear.Int8Linear``)."""
         self.config = config
         self.dtype = dtype
-        w = {name: t.to(dtype) for name, t in weights.items()}
-        self.embed = w["model.embed_tokens.weight"]  # (V, C)
-        self.positions = w.get("model.embed_positions.weight")  # (P, C) for learned positions
-        self.lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
-        self.final_norm = (w["model.norm.weight"], w.get("model.norm.bias"))
+        self.device = torch.device(device)
+
+        def tensor(name: str) -> torch.Tensor | None:
+            return weights[name].to(device=self.device, dtype=dtype) if name in weights else None
+
+        def linear(name: str) -> DenseLinear | Int8Linear | None:
+            if f"{name}.weight" not in weights:
+                return None
+            bias = tensor(f"{name}.bias")
+            if load_in_8bit:
+                return Int8Linear(weights[f"{name}.weight"].to(dtype), bias, self.device)
+            return DenseLinear(tensor(f"{name}.weight"), bias)
+
+        self.embed = tensor("model.embed_tokens.weight")  # (V, C)
+        self.positions = tensor("model.embed_positions.weight")  # (P, C) for learned positions
+        head = self.embed if config.tie_word_embeddings else tensor("lm_head.weight")
+        self.lm_head = DenseLinear(head, None)  # kept in the compute dtype, as transformers does
+        self.final_norm = (tensor("model.norm.weight"), tensor("model.norm.bias"))
         self.layers = []
         for i in range(config.num_hidden_layers):
             prefix = f"model.layers.{i}."
-            self.layers.append({key: w.get(prefix + name) for key, name in _LAYER_WEIGHTS.items()})
+            layer: dict = {key: linear(prefix + name) for key, name in _LINEARS.items()}
+            for key, name in _NORMS.items():
+                layer[key] = tensor(f"{prefix}{name}.weight")
+                layer[f"{key}_bias"] = tensor(f"{prefix}{name}.bias")
+            self.layers.append(layer)
         self.activation = ACTIVATION_FUNCTIONS[config.activation]
         if config.positions == "rope":
             half = config.rotary_dim // 2
             inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.float64) / half))
             angles = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float64), inv_freq)
             angles = torch.cat([angles, angles], dim=-1)  # (P, rotary_dim)
-            self.rope_cos = angles.cos().to(dtype)
-            self.rope_sin = angles.sin().to(dtype)
+            self.rope_cos = angles.cos().to(device=self.device, dtype=dtype)
+            self.rope_sin = angles.sin().to(device=self.device, dtype=dtype)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"{max_len} positions exceed the model's {self.config.max_position_embeddings}")
-        return KVCache(self.config, batch, max_len, self.dtype)
+        return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """RMSNorm or LayerNorm, computed in float32 whatever the dtype (as transformers does: a float16
+        sum of squares overflows)."""
+        h = x.float()
         if self.config.norm == "layer":
-            return F.layer_norm(x, x.shape[-1:], weight, bias, self.config.norm_eps)
-        variance = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(variance + self.config.norm_eps) * weight
+            weight, bias = weight.float(), None if bias is None else bias.float()
+            return F.layer_norm(h, h.shape[-1:], weight, bias, self.config.norm_eps).to(self.dtype)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        return weight * (h * torch.rsqrt(variance + self.config.norm_eps)).to(self.dtype)
 
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate the first ``rotary_dim`` dimensions of each head (all of them for Llama)."""
@@ -80,19 +113,19 @@ class Transformer:
 
     def _mlp(self, h: torch.Tensor, layer: dict) -> torch.Tensor:
         if self.config.gated_mlp:
-            gate = F.linear(h, layer["gate"], layer["gate_bias"])
-            inner = self.activation(gate) * F.linear(h, layer["up"], layer["up_bias"])
+            inner = self.activation(layer["gate"](h)) * layer["up"](h)
         else:
-            inner = self.activation(F.linear(h, layer["up"], layer["up_bias"]))
-        return F.linear(inner, layer["down"], layer["down_bias"])
+            inner = self.activation(layer["up"](h))
+        return layer["down"](inner)
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache) -> None:
         """Run ``tokens`` (B, T) into ``cache`` only (no logits)."""
         self.forward(tokens, cache, logits=False)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, logits: bool = True) -> torch.Tensor:
-        """Logits for ``tokens`` (B, T) appended after what ``cache`` holds; returns (B, T, V)."""
+        """Logits for ``tokens`` (B, T) appended after what ``cache`` holds: (B, T, V) float32 on the CPU."""
         cfg = self.config
+        tokens = tokens.to(self.device)
         b, t = tokens.shape
         start = cache.length
         end = start + t
@@ -100,15 +133,15 @@ class Transformer:
         group = heads // kv_heads
         mask = None
         if t > 1:  # causal mask over the new positions; earlier positions are all visible
-            mask = torch.ones(t, end, dtype=torch.bool).tril(diagonal=start)  # (T, S)
+            mask = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(diagonal=start)  # (T, S)
         x = F.embedding(tokens, self.embed)  # (B, T, C)
         if self.positions is not None:
             x = x + self.positions[start:end]
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer["attn_norm"], layer["attn_norm_bias"])
-            q = F.linear(h, layer["q"], layer["q_bias"]).view(b, t, kv_heads, group, hd).permute(0, 2, 3, 1, 4)
-            k = F.linear(h, layer["k"], layer["k_bias"]).view(b, t, kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
-            v = F.linear(h, layer["v"], layer["v_bias"]).view(b, t, kv_heads, hd).transpose(1, 2)
+            q = layer["q"](h).view(b, t, kv_heads, group, hd).permute(0, 2, 3, 1, 4)
+            k = layer["k"](h).view(b, t, kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
+            v = layer["v"](h).view(b, t, kv_heads, hd).transpose(1, 2)
             if cfg.positions == "rope":
                 q, k = self._rope(q, start), self._rope(k, start)
             cache.keys[i, :, :, start:end] = k
@@ -120,9 +153,9 @@ class Transformer:
             if mask is not None:
                 scores = scores.view(b, kv_heads, group, t, end).masked_fill(~mask, float("-inf"))
                 scores = scores.view(b, kv_heads, group * t, end)
-            attn = scores.softmax(dim=-1) @ values  # (B, KV, G*T, hd)
+            attn = scores.softmax(dim=-1, dtype=torch.float32).to(self.dtype) @ values  # (B, KV, G*T, hd)
             attn = attn.view(b, kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)  # (B, T, C)
-            attn = F.linear(attn, layer["o"], layer["o_bias"])
+            attn = layer["o"](attn)
             if cfg.parallel_residual:
                 x = x + attn + self._mlp(self._norm(x, layer["mlp_norm"], layer["mlp_norm_bias"]), layer)
             else:
@@ -131,26 +164,16 @@ class Transformer:
         cache.length = end
         if not logits:
             return x
-        return F.linear(self._norm(x, *self.final_norm), self.lm_head)  # (B, T, V)
+        return self.lm_head(self._norm(x, *self.final_norm)).to("cpu", torch.float32)  # (B, T, V)
 
 
-_LAYER_WEIGHTS = {
-    "attn_norm": "input_layernorm.weight",
-    "attn_norm_bias": "input_layernorm.bias",
-    "q": "self_attn.q_proj.weight",
-    "q_bias": "self_attn.q_proj.bias",
-    "k": "self_attn.k_proj.weight",
-    "k_bias": "self_attn.k_proj.bias",
-    "v": "self_attn.v_proj.weight",
-    "v_bias": "self_attn.v_proj.bias",
-    "o": "self_attn.o_proj.weight",
-    "o_bias": "self_attn.o_proj.bias",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "mlp_norm_bias": "post_attention_layernorm.bias",
-    "gate": "mlp.gate_proj.weight",
-    "gate_bias": "mlp.gate_proj.bias",
-    "up": "mlp.up_proj.weight",
-    "up_bias": "mlp.up_proj.bias",
-    "down": "mlp.down_proj.weight",
-    "down_bias": "mlp.down_proj.bias",
+_LINEARS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
 }
+_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
