@@ -535,6 +535,8 @@ def _numerics_label(run_data: dict) -> str:
         return "exact and float numerics"
     if kind == "roofline":
         return "no engine"
+    if kind == "memory":
+        return "exact and float numerics"
     return f"{run_data.get('numerics', 'float')} numerics"
 
 
@@ -581,6 +583,8 @@ def report(args: argparse.Namespace) -> None:
                     f"{100 * r['coder_overhead']:.2f}% | {base} | "
                     f"{r['compress_kb_s']:.2f} | {_kb_s(r['decompress_kb_s'])} |"
                 )
+        elif run_data["kind"] == "memory":
+            lines += _memory_section(run_data)
         elif run_data["kind"] == "roofline":
             lines.append(
                 f"Matrix products on {run_data['threads']} threads: float32 GEMM against exact int8 `torch._int_mm` "
@@ -699,6 +703,40 @@ def report(args: argparse.Namespace) -> None:
         lines.append(notes.read_text())
     Path(args.write).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.write}")
+
+
+def _memory_section(run_data: dict) -> list[str]:
+    """``bench/memory.py``: preparing and loading int8 weights, and coding memory against the plan."""
+    prep, load = run_data["prepare"], run_data["load"]
+    int8 = prep["int8_file_bytes"]
+    lines = [
+        f"Memory above each process's baseline (peak anonymous memory, and peak resident set including pages of "
+        f"the memory-mapped weight files), sampled every 10 ms. Preparing the exact engine's int8 weights "
+        f"({int8 / 2**30:.2f} GiB) from the float16 cache of a random `{run_data['config']}` "
+        f"({run_data['layers']} layers):",
+    ]
+    lines += _table_head("| step | seconds | peak anonymous | x int8 size | peak resident | x int8 size |")
+    for name, r in (("prepare int8 weights (first run)", prep), ("load the exact engine", load)):
+        lines.append(
+            f"| {name} | {r['seconds']:.1f} | {r['anon_bytes'] / 2**30:.2f} GiB | {r['anon_bytes'] / int8:.2f} | "
+            f"{r['rss_bytes'] / 2**30:.2f} GiB | {r['rss_bytes'] / int8:.2f} |"
+        )
+    lines += [
+        "",
+        f"Compressing {run_data['coding'][0]['bytes']} bytes with the same configuration cut to "
+        f"{run_data['code_layers']} layers, batch 4: the plan (`llmpipe models --plan`, printed by `-v`) against "
+        "the measured peak.",
+    ]
+    lines += _table_head("| engine | plan | peak anonymous | peak resident | resident / plan |")
+    for r in run_data["coding"]:
+        engine = (
+            "exact" if r["numerics"] == "exact" else f"float {r['dtype']}" + (" 8-bit" if r["load_in_8bit"] else "")
+        )
+        lines.append(
+            f"| {engine} | {r['plan_bytes'] / 2**20:.0f} MiB | {r['anon_bytes'] / 2**20:.0f} MiB | "
+            f"{r['rss_bytes'] / 2**20:.0f} MiB | {r['rss_bytes'] / r['plan_bytes']:.2f} |"
+        )
+    return lines
 
 
 def _comparison_table(rows: list[dict], a: str, b: str, prefix: str = "") -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -84,9 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch",
         type=int,
-        default=DEFAULT_BATCH,
+        default=None,
         metavar="N",
-        help="chunks coded together; also rows decoded together (default %(default)s)",
+        help=f"chunks coded together; also rows decoded together (default {DEFAULT_BATCH}, "
+        "or fewer when the memory plan says so)",
+    )
+    p.add_argument(
+        "-M",
+        "--memory",
+        type=_size,
+        metavar="SIZE",
+        help="memory the run may use, e.g. 16G (default: what the device has available); "
+        "checked against the memory plan before any weights are read",
     )
     p.add_argument(
         "--context",
@@ -184,8 +194,9 @@ def _fetch(argv: list[str]) -> int:
 
 def _models(argv: list[str]) -> int:
     """``llmpipe models``: list the cache, remove a model, or plan a model's memory without loading it."""
-    from llmpipe.compressor import MIN_BYTES_PER_SYMBOL
-    from llmpipe.engine.plan import parameter_count, plan_memory
+    from llmpipe.codec import ContextWindow
+    from llmpipe.compressor import coding_plan, default_batch
+    from llmpipe.engine.plan import parameter_count
     from llmpipe.models import cache
 
     parser = argparse.ArgumentParser(prog="llmpipe models", description="the model cache and memory plans")
@@ -193,8 +204,11 @@ def _models(argv: list[str]) -> int:
     action.add_argument("--plan", metavar="MODEL", help="print the memory MODEL needs (no weights are loaded)")
     action.add_argument("--remove", metavar="NAME", help="delete a cached model")
     parser.add_argument("--numerics", choices=("exact", "float"), default="exact")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("-b", "--batch", type=int, default=DEFAULT_BATCH, metavar="ROWS")
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
+    parser.add_argument("--load-in-8bit", action="store_true", help="float numerics with int8 weights")
+    parser.add_argument(
+        "-b", "--batch", type=int, metavar="ROWS", help=f"rows (default {DEFAULT_BATCH}, or fewer to fit -M)"
+    )
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, metavar="TOKENS")
     parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
     parser.add_argument("--mixer", choices=("ngram-match", "none"), default="ngram-match")
@@ -205,24 +219,33 @@ def _models(argv: list[str]) -> int:
         print(f"removed {cache.remove(args.remove)}")
         return 0
     if args.plan:
+        if args.numerics == "exact" and (args.dtype != "float32" or args.load_in_8bit):
+            raise UsageError("--dtype and --load-in-8bit plan the float engine (add --numerics float)")
         config = cache.find_config(args.plan)
-        # as the compressor bounds them: a row has at most chunk_size symbols, a context at most the window
-        positions = min(args.chunk_size, args.context or args.chunk_size, config.max_position_embeddings)
-        row_symbols = int(args.chunk_size / MIN_BYTES_PER_SYMBOL) if args.mixer != "none" else 0
-        plan = plan_memory(
+        try:  # the overlap does not change the memory; any valid one will do
+            context = ContextWindow(args.context, max(1, min(DEFAULT_OVERLAP, args.context - 2)) if args.context else 0)
+        except ValueError as exc:
+            raise UsageError(f"--context {args.context}: {exc}") from None
+        plan_of = functools.partial(
+            coding_plan,
             config,
             numerics=args.numerics,
             dtype=args.dtype,
-            batch=args.batch,
-            positions=positions,
-            row_symbols=row_symbols,
+            load_in_8bit=args.load_in_8bit,
+            device=args.device,
+            chunk_size=args.chunk_size,
+            context=context,
+            mixing=args.mixer != "none",
             limit=args.memory,
-            device="cpu" if args.device == "cpu" else "cuda",
         )
+        if args.batch is None:  # what compressing would choose
+            args.batch = default_batch(plan_of(batch=DEFAULT_BATCH), args.chunk_size)
+        plan = plan_of(batch=args.batch)
+        weights = f" ({args.dtype}{', 8-bit' if args.load_in_8bit else ''})" if args.numerics == "float" else ""
+        positions = min(context.longest_context(args.chunk_size), config.max_position_embeddings)
         print(
             f"{args.plan}: {config.arch}, {parameter_count(config) / 1e6:.0f}M parameters; {args.numerics} numerics"
-            + (f" ({args.dtype})" if args.numerics == "float" else "")
-            + f", batch {args.batch} x {positions} positions, on {args.device}"
+            f"{weights}, batch {args.batch} x {positions} positions, on {args.device}"
         )
         print("\n".join(plan.render()))
         return 0 if plan.fits() else 1
@@ -420,6 +443,8 @@ def _compress_work(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         load_in_8bit=args.load_in_8bit,
+        memory=args.memory,
+        log=(lambda line: print(f"llmpipe: plan: {line}", file=sys.stderr)) if args.verbose else None,
     )
 
     def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:
@@ -432,7 +457,8 @@ def _compress_work(args: argparse.Namespace):
 def _decompress_work(args: argparse.Namespace):
     from llmpipe.decompressor import Decompressor
 
-    worker = Decompressor(args.model, force=args.force, threads=args.threads, batch=args.batch, device=args.device)
+    batch = args.batch or DEFAULT_BATCH
+    worker = Decompressor(args.model, force=args.force, threads=args.threads, batch=batch, device=args.device)
 
     def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:
         name = getattr(src, "name", "<stdin>")

@@ -11,6 +11,7 @@ losing chunks are simply dropped.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from llmpipe import __version__, mixer
 from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
 from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_THREADS
-from llmpipe.engine import create_engine
-from llmpipe.engine.memory import check_history_budget, check_kv_budget
+from llmpipe.engine import create_engine, usable_device
+from llmpipe.engine.memory import available_memory, check_history_budget, check_kv_budget
+from llmpipe.engine.plan import MemoryPlan, plan_memory
 from llmpipe.errors import ArchiveError, LlmpipeError, TruncatedArchiveError, UsageError
 from llmpipe.format.container import (
     FLAG_GROUP_START,
@@ -40,6 +42,7 @@ from llmpipe.format.container import (
 )
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
+from llmpipe.models.config import ModelConfig
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 MIN_BYTES_PER_SYMBOL = 1.5
@@ -114,6 +117,40 @@ def split_rows(symbols: list[int], spellings: list[bytes], rows: int) -> list[li
     return [symbols[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
+def coding_plan(
+    config: ModelConfig,
+    *,
+    numerics: str,
+    dtype: str,
+    load_in_8bit: bool,
+    device: str,
+    batch: int,
+    chunk_size: int,
+    context: ContextWindow,
+    mixing: bool,
+    limit: int | None,
+) -> MemoryPlan:
+    """The memory plan of compressing with these settings, as the compressor bounds a group: a row holds at
+    most ``chunk_size`` symbols, a context at most the window, the mixer one symbol per 1.5 bytes."""
+    return plan_memory(
+        config,
+        numerics=numerics,
+        dtype=dtype,
+        load_in_8bit=load_in_8bit,
+        batch=batch,
+        positions=min(context.longest_context(chunk_size), config.max_position_embeddings),
+        row_symbols=int(chunk_size / MIN_BYTES_PER_SYMBOL) if mixing else 0,
+        limit=limit,
+        device="cpu" if device == "cpu" else "cuda",
+    )
+
+
+def default_batch(plan: MemoryPlan, chunk_size: int) -> int:
+    """:data:`DEFAULT_BATCH` rows, or as many as ``plan`` (made for that batch) fits in its limit; at least 1
+    (when not even one fits, checking the plan of batch 1 says so)."""
+    return max(1, min(DEFAULT_BATCH, MAX_WINDOW // chunk_size, plan.largest_batch()))
+
+
 class Compressor:
     """Holds a loaded model and compresses any number of streams with it."""
 
@@ -122,7 +159,7 @@ class Compressor:
         model: str | LoadedModel | None = None,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        batch: int = DEFAULT_BATCH,
+        batch: int | None = None,
         threads: int = DEFAULT_THREADS,
         numerics: str = "exact",
         context: int = DEFAULT_CONTEXT,
@@ -131,12 +168,17 @@ class Compressor:
         device: str = "cpu",
         dtype: str = "float32",
         load_in_8bit: bool = False,
+        memory: int | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
+        """``batch`` None: :data:`DEFAULT_BATCH` rows, or as many as the memory plan fits in ``memory``
+        (bytes; default: what ``device`` has available). An explicit batch that does not fit is refused
+        before any weights are read. ``log`` receives the plan, line by line (``-v``)."""
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
-        if not 1 <= batch <= MAX_ROWS:
+        if batch is not None and not 1 <= batch <= MAX_ROWS:
             raise UsageError(f"batch must be between 1 and {MAX_ROWS}")
-        if batch * chunk_size > MAX_WINDOW:
+        if batch is not None and batch * chunk_size > MAX_WINDOW:
             raise UsageError(f"batch x chunk size must stay within {MAX_WINDOW >> 20} MiB")
         if not 1 <= threads <= 256:
             raise UsageError("threads must be between 1 and 256")
@@ -144,7 +186,20 @@ class Compressor:
             self.context = ContextWindow(context, overlap if context else 0)
         except ValueError as exc:
             raise UsageError(f"--context {context} --overlap {overlap}: {exc}") from None
-        self.model = model if isinstance(model, LoadedModel) else cache.load(model)
+        device = usable_device(device)
+        self.model = model if isinstance(model, LoadedModel) else cache.load(model)  # maps the weights, reads none
+        settings = {"numerics": numerics, "dtype": dtype, "load_in_8bit": load_in_8bit, "device": device}
+        limit = memory if memory is not None else available_memory(device)
+        plan_of = functools.partial(
+            coding_plan, self.model.config, chunk_size=chunk_size, context=self.context, mixing=mixing, limit=limit
+        )
+        if batch is None:
+            batch = default_batch(plan_of(batch=DEFAULT_BATCH, **settings), chunk_size)
+        plan = plan_of(batch=batch, **settings)
+        for line in plan.render() if log else ():
+            log(line)
+        if not plan.fits():
+            raise UsageError(f"{self.model.name} with --batch {batch}: {plan.verdict()}")
         self.chunk_size = chunk_size
         self.batch = batch
         self.mixing = mixing
@@ -153,7 +208,7 @@ class Compressor:
         # a row never has more symbols than chunk_size, nor a context more than the window
         worst_positions = min(self.context.longest_context(chunk_size), engine.max_positions)
         try:  # refuse now what a group of this size could need, not hours into the input
-            check_kv_budget(batch, worst_positions, engine.max_positions, engine.kv_bytes_per_position)
+            check_kv_budget(batch, worst_positions, engine.max_positions, engine.kv_bytes_per_position, engine.kv_limit)
             if mixing:  # LLM rows hold at most one symbol per MIN_BYTES_PER_SYMBOL bytes
                 check_history_budget(int(batch * chunk_size / MIN_BYTES_PER_SYMBOL))
         except LlmpipeError as exc:

@@ -1,6 +1,7 @@
 """The command line through a real subprocess: exit codes, stderr, stdout bytes, files."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,23 @@ def test_float_weight_options_round_trip_and_exact_refuses_them(model_args, tmp_
     refused = run(["-c", *model_args, "--dtype", "float16"], data)
     assert refused.returncode == 1 and refused.stdout == b""
     assert refused.stderr.count(b"\n") == 1 and b"--numerics float" in refused.stderr
+
+
+def test_memory_plan_before_work(tiny_model_dir):
+    """-v prints the plan before any weights are read; a batch over -M is refused in one line, naming the
+    batch that fits; without --batch the compressor picks that batch itself."""
+    model = ["--model", str(tiny_model_dir), "--chunk-size", "4K"]
+    shown = run(["-c", "-v", *model], TEXT[:3000])
+    assert shown.returncode == 0
+    plan = [line for line in shown.stderr.decode().splitlines() if line.startswith("llmpipe: plan: ")]
+    assert any("KV cache" in line for line in plan) and plan[-1].startswith("llmpipe: plan: fits: yes")
+    refused = run(["-c", *model, "--batch", "64", "-M", "150M"], TEXT[:3000])
+    assert refused.returncode == 1 and refused.stdout == b"" and refused.stderr.count(b"\n") == 1
+    advice = re.search(rb"--batch 64: NO, .* over the 0.15 GiB limit on cpu \(--batch (\d+) fits\)", refused.stderr)
+    assert advice and 1 <= int(advice.group(1)) < 64
+    chosen = run(["-c", "-v", *model, "-M", "150M"], TEXT[:3000])
+    assert chosen.returncode == 0 and run(["-d", "--model", str(tiny_model_dir)], chosen.stdout).stdout == TEXT[:3000]
+    assert chosen.stderr.decode().splitlines()[-2].startswith("llmpipe: plan: fits: yes")
 
 
 def test_dev_full_fails(archive):

@@ -273,13 +273,23 @@ def test_decoder_holds_a_bounded_number_of_blocks(tiny_model, monkeypatch):
     assert len(held) > 5 and max(held) <= 2 * 8 + 1
 
 
-def test_a_batch_too_large_for_the_kv_budget_is_refused_up_front(tiny_model, monkeypatch):
-    from llmpipe.engine import memory
+def test_a_batch_too_large_for_the_memory_is_refused_up_front(tiny_model):
     from llmpipe.errors import UsageError
 
-    monkeypatch.setattr(memory, "KV_CACHE_LIMIT", 1 << 20)
-    with pytest.raises(UsageError, match=r"--batch 64 with --chunk-size 2048: .* GiB of KV cache, over the"):
-        Compressor(tiny_model, chunk_size=2048, batch=64)
+    with pytest.raises(UsageError, match=r"with --batch 64: NO, .* over the 0.06 GiB limit on cpu \(--batch \d+ fits"):
+        Compressor(tiny_model, chunk_size=2048, batch=64, memory=64 << 20)
+    assert Compressor(tiny_model, chunk_size=2048, memory=64 << 20).batch < 64  # the default batch fits instead
+
+
+def test_a_group_over_the_engines_kv_limit_is_refused(tiny_model):
+    """The engines' own check (hostile archives): a group whose cache exceeds what the device has left."""
+    from llmpipe.engine.exact_engine import ExactEngine
+    from llmpipe.errors import LlmpipeError
+
+    engine = ExactEngine(tiny_model, threads=1)
+    engine.kv_limit = 1 << 20
+    with pytest.raises(LlmpipeError, match=r"64 rows x 2000 positions need .* GiB of KV cache, over the"):
+        engine.session(64, 2000)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

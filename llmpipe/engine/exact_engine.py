@@ -10,18 +10,17 @@ cache directory next to the float weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmpipe.coder.frequencies import frequency_tables
 from llmpipe.engine.exact_transformer import NUMERICS_VERSION, ExactKVCache, ExactTransformer, prepare_exact_weights
-from llmpipe.engine.memory import check_kv_budget
+from llmpipe.engine.memory import available_memory, check_kv_budget
 from llmpipe.engine.session import LockstepSession
-from llmpipe.models.cache import LoadedModel, weights_hash
+from llmpipe.models.cache import LazyWeights, LoadedModel, weights_hash
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 TOKENS_PER_PASS = 1024
@@ -32,28 +31,30 @@ purpose: 64 tables (25 MB for a 49k vocabulary) come from reused heap memory, wh
 fresh pages on every allocation; measured, compression took 30% longer with 512."""
 
 
-def _exact_weights(model: LoadedModel) -> dict[str, torch.Tensor]:
+def _exact_weights(model: LoadedModel) -> Mapping[str, torch.Tensor]:
     """The prepared int8 weights, from the model cache or derived now (and stored when the cache is writable).
 
-    The stored file carries the SHA-256 of its tensors and is checked on every
-    load: a damaged copy would silently make archives that decode nowhere else,
-    so it is derived again instead.
+    Derived one matmul at a time from the lazily read float weights, so
+    preparing needs the int8 weights plus one float32 matmul's temporaries,
+    never a float copy of the model. The stored file carries the SHA-256 of
+    its tensors and is checked on every load (tensor by tensor): a damaged
+    copy would silently make archives that decode nowhere else, so it is
+    derived again instead.
     """
     path = Path(model.directory) / f"exact-v{NUMERICS_VERSION}.safetensors"
     if path.exists():
-        with safe_open(str(path), "pt") as stored:
-            recorded = (stored.metadata() or {}).get("sha256")
-        weights = load_file(str(path))
-        if recorded == weights_hash(weights):
-            return weights
+        stored = LazyWeights(path)
+        if stored.metadata().get("sha256") == weights_hash(stored):
+            return stored
     weights = prepare_exact_weights(model.config, model.weights)
     try:
         partial = path.with_suffix(".partial")
         save_file(weights, str(partial), metadata={"sha256": weights_hash(weights)})
         partial.replace(path)
     except OSError:
-        pass  # a read-only cache still works, it just prepares again next time
-    return weights
+        return weights  # a read-only cache still works, it just prepares again next time
+    del weights
+    return LazyWeights(path)  # the engine takes each tensor from the file as it builds (no second copy)
 
 
 class ExactEngine:
@@ -67,13 +68,14 @@ class ExactEngine:
         self.max_positions = cfg.max_position_embeddings
         self.kv_bytes_per_position = ExactKVCache.bytes_per_position(cfg)
         self._network = ExactTransformer(cfg, _exact_weights(model), device)
+        self.kv_limit = available_memory(device)  # what the device has left with the weights in
 
     def numerics(self) -> dict:
         """The header's numerics record: no machine details, since they do not matter."""
         return {"engine": "exact", "version": NUMERICS_VERSION}
 
     def session(self, rows: int, max_len: int) -> LockstepSession:
-        check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position)
+        check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position, self.kv_limit)
         return LockstepSession(self._network, rows, max_len)
 
     def tables(self, inputs: list[list[int]], skips: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -90,7 +92,7 @@ class ExactEngine:
             batch = range(r, min(r + together, len(inputs)))
             width = max(len(inputs[i]) for i in batch)
             padded = [inputs[i] + [inputs[i][-1]] * (width - len(inputs[i])) for i in batch]
-            check_kv_budget(len(batch), width, self.max_positions, self.kv_bytes_per_position)
+            check_kv_budget(len(batch), width, self.max_positions, self.kv_bytes_per_position, self.kv_limit)
             with torch.inference_mode():
                 cache = self._network.new_cache(len(batch), width)
                 normed = self._network.hidden(torch.tensor(padded, dtype=torch.long), cache)

@@ -36,6 +36,7 @@ full-sequence pass (the encoder) or one step at a time through the KV cache
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import cached_property
 from typing import NamedTuple
 
@@ -104,7 +105,7 @@ def fixed_point_dot(weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     return (total.to(torch.float64) * unit)[:, 0].to(torch.float32)
 
 
-def prepare_exact_weights(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def prepare_exact_weights(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fold norms into the matmuls after them and quantise: the tensors the exact engine runs on.
 
     Deterministic (max, elementwise IEEE products, rounding and exact integer
@@ -215,19 +216,22 @@ class ExactTransformer:
     """A transformer on prepared exact weights; see the module docstring for the arithmetic."""
 
     def __init__(
-        self, config: ModelConfig, exact_weights: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+        self, config: ModelConfig, exact_weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu"
     ) -> None:
+        """Takes each tensor of ``exact_weights`` (possibly read lazily from a file) to ``device`` in turn."""
         self.config = config
         self.device = torch.device(device)
         if self.device.type == "cuda":  # TF32 would round the float32 GEMMs' integer inputs
             torch.backends.cuda.matmul.allow_tf32 = False
-        w = {name: tensor.to(self.device) for name, tensor in exact_weights.items()}
+
+        def tensor(name: str) -> torch.Tensor | None:
+            return exact_weights[name].to(self.device) if name in exact_weights else None
 
         def weight(name: str) -> ExactWeight:
-            return ExactWeight(w[f"{name}.q"], w[f"{name}.scale"], w.get(f"{name}.bias"))
+            return ExactWeight(tensor(f"{name}.q"), tensor(f"{name}.scale"), tensor(f"{name}.bias"))
 
-        self.embed = w["embed"]
-        self.positions = w.get("positions")  # learned position embeddings (GPT-2)
+        self.embed = tensor("embed")
+        self.positions = tensor("positions")  # learned position embeddings (GPT-2)
         mlp_in = "gate_up" if config.gated_mlp else "up"
         self.layers = [
             {part: weight(f"{i}.{part}") for part in ("qkv", "o", mlp_in, "down")}

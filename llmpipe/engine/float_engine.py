@@ -16,7 +16,7 @@ import platform
 import numpy as np
 import torch
 
-from llmpipe.engine.memory import check_kv_budget
+from llmpipe.engine.memory import available_memory, check_kv_budget
 from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.linear import INT8_THRESHOLD, bitsandbytes_version
@@ -79,11 +79,12 @@ class FloatEngine:
         width = DTYPES[dtype].itemsize
         self.kv_bytes_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * width
         self._network = Transformer(cfg, model.weights, DTYPES[dtype], device, load_in_8bit)
+        self.kv_limit = available_memory(device)  # what the device has left with the weights in
 
     def numerics(self) -> dict:
         return dict(self._fingerprint)
 
     def session(self, rows: int, max_len: int) -> LockstepSession:
         """A lockstep group; refuses groups longer than the model's context or larger than the memory limit."""
-        check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position)
+        check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position, self.kv_limit)
         return LockstepSession(self._network, rows, max_len)

@@ -20,7 +20,7 @@ from llmpipe.engine.memory import HISTORY_BYTES_PER_SYMBOL
 from llmpipe.models.config import ModelConfig
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # the float engine's --dtype choices
 
 
 def _matmul_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -70,14 +70,22 @@ class MemoryPlan:
         lines = [f"  {name:<34} {_gib(size):>10}" for name, size in self.parts.items()]
         lines.append(f"  {'total on ' + self.where:<34} {_gib(self.total):>10}")
         lines += [f"  {name + ' (host)':<34} {_gib(size):>10}" for name, size in self.host_parts.items()]
-        if self.limit is None:
-            lines.append(f"fits: no limit given (-M); needs {_gib(self.total)} of {self.where} memory")
-        elif self.fits():
-            lines.append(f"fits: yes, {_gib(self.total)} of the {_gib(self.limit)} limit on {self.where}")
-        else:
-            advice = f"--batch {self.largest_batch()} fits" if self.largest_batch() else "a smaller --context"
-            lines.append(f"fits: NO, {_gib(self.total)} over the {_gib(self.limit)} limit on {self.where} ({advice})")
+        lines.append(f"fits: {self.verdict()}")
         return lines
+
+    def verdict(self) -> str:
+        """Whether it fits, in words, with what would fit when it does not."""
+        if self.limit is None:
+            return f"no limit given (-M); needs {_gib(self.total)} of {self.where} memory"
+        if self.fits():
+            return f"yes, {_gib(self.total)} of the {_gib(self.limit)} limit on {self.where}"
+        if self.largest_batch():
+            advice = f"--batch {self.largest_batch()} fits"
+        else:
+            advice = (
+                "not even --batch 1 fits: try a smaller --context, float16 or 8-bit float weights, or another --device"
+            )
+        return f"NO, {_gib(self.total)} over the {_gib(self.limit)} limit on {self.where} ({advice})"
 
 
 def _gib(size: int) -> str:
@@ -89,6 +97,7 @@ def plan_memory(
     *,
     numerics: str = "exact",
     dtype: str = "float32",
+    load_in_8bit: bool = False,
     batch: int = 64,
     positions: int = 1024,
     row_symbols: int = 0,
@@ -97,31 +106,38 @@ def plan_memory(
 ) -> MemoryPlan:
     """The memory of coding ``batch`` rows with contexts of ``positions`` (``row_symbols`` for the mixer).
 
-    On the CPU the float weights the model cache loads are counted too (the
-    exact engine derives its int8 weights from them and keeps both).
+    The model cache is read lazily (``models.cache.LazyWeights``), so only the
+    weights an engine holds count: the exact engine's int8 weights, or the
+    float engine's weights in ``dtype`` (int8 for the blocks' matmuls with
+    ``load_in_8bit``, where the embeddings and output head stay in ``dtype``).
     """
     c, vocab = config.hidden_size, config.vocab_size
     shapes = _matmul_shapes(config)
     embeddings = (vocab + (config.max_position_embeddings if config.positions == "learned" else 0)) * c
+    table_row = vocab * 4 + (vocab + ESCAPE_SYMBOLS) * 8 * 2  # logits, frequencies and their cumulative sums
     parts: dict[str, int] = {}
     host: dict[str, int] = {}
     if numerics == "exact":
         row_extra = 8 if config.norm == "layer" else 4  # a float32 scale, and a float32 bias where norms have one
         parts["weights, int8 + scales"] = sum(n * k + row_extra * n for n, k in shapes) + 4 * embeddings
-        (parts if device == "cpu" else host)["weights, float32 (cache)"] = 4 * parameter_count(config)
         kv_row = positions * ExactKVCache.bytes_per_position(config)
         widest = max(n for n, _ in shapes[:-1])
         rows_per_pass = max(1, TOKENS_PER_PASS // positions)
         encoder = TOKENS_PER_PASS * widest * (4 + 8 + 8)  # float32 out, two int32 halves, float64 centring
         scores = rows_per_pass * config.num_attention_heads * QUERY_BLOCK * positions * 4 * 4
-        tables = HEAD_SLICE * (vocab * 4 + (vocab + ESCAPE_SYMBOLS) * 8 * 2)
-        table_row = vocab * 4 + (vocab + ESCAPE_SYMBOLS) * 8 * 2
+        tables = HEAD_SLICE * table_row
         parts["activations (estimate)"] = max(encoder + scores + tables, batch * table_row)
     else:
         size = DTYPE_BYTES[dtype]
-        parts[f"weights, {dtype}"] = size * parameter_count(config)
+        if load_in_8bit:
+            blocks = shapes[:-1]
+            head = 0 if config.tie_word_embeddings else vocab * c
+            parts[f"weights, int8 blocks + {dtype} embeddings"] = sum(n * k + 4 * n for n, k in blocks) + size * (
+                embeddings + head
+            )
+        else:
+            parts[f"weights, {dtype}"] = size * parameter_count(config)
         kv_row = positions * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
-        table_row = vocab * 4 + (vocab + ESCAPE_SYMBOLS) * 8 * 2
         step = batch * table_row
         prefill = TOKENS_PER_PASS * (max(n for n, _ in shapes[:-1]) + c * 4) * size
         attention = TOKENS_PER_PASS * config.num_attention_heads * positions * size * 2  # scores and softmax

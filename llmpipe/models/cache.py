@@ -3,7 +3,8 @@
 Every model llmpipe runs is first *prepared* into a cache directory:
 
     <cache>/models/<key>/
-        model.safetensors   weights, float32, canonical names (``llmpipe.models.convert``)
+        model.safetensors   weights in the checkpoint's dtype (float32 from GGUF), canonical names
+                            (``llmpipe.models.convert``), read lazily (:class:`LazyWeights`)
         config.json         the architecture (:class:`ModelConfig` fields)
         tokenizer.json      a Hugging Face ``tokenizers`` file
         llmpipe.json        identity: name, source, architecture and the two hashes
@@ -14,7 +15,8 @@ is why later runs start in about a second. ``<cache>`` is ``$LLMPIPE_CACHE``,
 else ``$XDG_CACHE_HOME/llmpipe``, else ``~/.cache/llmpipe``.
 
 The weights hash is computed over tensors in name order (name, dtype, shape,
-bytes), so it does not depend on how a file was serialised; the tokenizer
+bytes; float16 and bfloat16 widened to float32 first), so it depends on the
+values only, not on how a file was serialised or stored; the tokenizer
 hash covers the token-to-bytes table that decoding depends on.
 """
 
@@ -29,11 +31,13 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from llmpipe.errors import ModelError
 from llmpipe.models.config import ModelConfig
@@ -67,7 +71,7 @@ class LoadedModel:
 
     name: str
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]  # LazyWeights when loaded from the cache
     tokenizer: ByteTokenizer
     weights_sha256: str
     load_seconds: float
@@ -84,10 +88,50 @@ class LoadedModel:
         }
 
 
-def weights_hash(weights: dict[str, torch.Tensor]) -> str:
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file, each read from the memory-mapped file when asked for.
+
+    Nothing is held: a model's weights never need to fit in memory twice (a
+    7B model's float16 file is 13 GB), since each consumer turns one tensor
+    at a time into what it keeps (the float engine's dtype and device, the
+    exact engine's int8 weights) and drops the rest.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = safe_open(str(path), "pt")
+        self._names = sorted(self._file.keys())
+        self._known = frozenset(self._names)
+        self.path = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor, sharing the file's pages (the cache replaces files, never rewrites them in place)."""
+        if name not in self._known:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def metadata(self) -> dict[str, str]:
+        return self._file.metadata() or {}
+
+
+_WIDENED = (torch.float16, torch.bfloat16)
+"""Dtypes hashed as the float32 values they widen to exactly, so the hash names the values, not the storage."""
+
+
+def weights_hash(weights: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors in name order (FORMAT.md, ``model.weights_sha256``), one tensor at a time."""
     digest = hashlib.sha256()
     for name in sorted(weights):
-        tensor = weights[name].contiguous()
+        tensor = weights[name]
+        tensor = (tensor.to(torch.float32) if tensor.dtype in _WIDENED else tensor).contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
@@ -157,8 +201,8 @@ def prepare_hf(repo_or_dir: str, target: Path, name: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(repo_or_dir, local_files_only=offline)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            repo_or_dir, dtype=torch.float32, local_files_only=offline
+        model = transformers.AutoModelForCausalLM.from_pretrained(  # in the checkpoint's own dtype
+            repo_or_dir, dtype="auto", local_files_only=offline
         )
     except OSError as exc:
         raise ModelError(f"cannot load model {repo_or_dir!r}: {str(exc).splitlines()[0]}") from None
@@ -284,7 +328,7 @@ def load(spec: str | None) -> LoadedModel:
     started = time.perf_counter()
     meta = json.loads((directory / _META).read_text())
     config = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
-    weights = load_file(str(directory / "model.safetensors"))
+    weights = LazyWeights(directory / "model.safetensors")
     tokenizer = ByteTokenizer(directory / "tokenizer.json", config.vocab_size)
     if tokenizer.sha256 != meta["tokenizer_sha256"]:
         raise ModelError(f"{directory}: tokenizer does not match its recorded hash; remove the directory to rebuild it")

@@ -26,8 +26,8 @@ from llmpipe.models.config import ModelConfig
 
 
 def canonical_weights(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The canonical float32 weights of a Hugging Face ``state_dict``."""
-    state = {name: tensor.detach().to(torch.float32) for name, tensor in state.items()}
+    """The canonical weights of a Hugging Face ``state_dict``, in its dtype (float16/bfloat16/float32)."""
+    state = {name: tensor.detach() for name, tensor in state.items()}
     if config.arch == "llama":
         out = {name: t for name, t in state.items() if name.startswith("model.") or name == "lm_head.weight"}
         out = {name: t for name, t in out.items() if "rotary_emb" not in name}

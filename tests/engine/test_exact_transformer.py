@@ -157,7 +157,7 @@ def test_frequency_tables_are_pinned(arch):
 def test_prepared_weights_are_cached_and_a_damaged_copy_is_replaced(tiny_model):
     from llmpipe.engine.exact_engine import _exact_weights
 
-    first = _exact_weights(tiny_model)
+    first = {name: tensor.clone() for name, tensor in _exact_weights(tiny_model).items()}  # not the file's map
     stored = next(tiny_model.directory.glob("exact-v*.safetensors"))
     data = bytearray(stored.read_bytes())
     data[-5] ^= 0x40  # flip a bit inside the last tensor

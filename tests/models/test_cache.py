@@ -31,3 +31,26 @@ def test_missing_default_model_says_how_to_fetch(monkeypatch, tmp_path):
 def test_unknown_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="not a model"):
         cache.resolve(str(tmp_path / "nope.bin"))
+
+
+def test_cache_keeps_the_checkpoint_dtype_and_hashes_values(tiny_model):
+    """The committed tiny checkpoint is float16: the cache stores float16 (half of float32's disk and memory),
+    and the identity hash is that of the same values widened to float32, so it names values, not storage."""
+    import torch
+
+    assert tiny_model.weights["model.embed_tokens.weight"].dtype == torch.float16
+    widened = {name: tensor.to(torch.float32) for name, tensor in tiny_model.weights.items()}
+    assert cache.weights_hash(widened) == tiny_model.weights_sha256
+    changed = dict(widened)
+    changed["model.norm.weight"] = changed["model.norm.weight"] * 2
+    assert cache.weights_hash(changed) != tiny_model.weights_sha256
+
+
+def test_weights_are_read_lazily_from_the_cache(tiny_model):
+    """Loading maps the file; tensors are read when asked for (a 7B model is never all in memory twice)."""
+    weights = tiny_model.weights
+    assert isinstance(weights, cache.LazyWeights)
+    assert "model.norm.weight" in weights and "no.such.weight" not in weights
+    assert len(weights) == len(list(weights)) and sorted(weights) == list(weights)
+    with pytest.raises(KeyError):
+        weights["no.such.weight"]
