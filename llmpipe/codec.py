@@ -163,10 +163,11 @@ class LlmCoder:
         self, payloads: list[bytes], counts: list[int], context: ContextWindow, mixing: bool
     ) -> list[list[int]]:
         """Decode a group one position per step, all rows together through the KV cache."""
-        if mixing and self.engine.full_sequence:
-            # exact tables do not depend on the batch: decode the rows in parts whose histories fit in memory
-            parts = _parts_within(counts, HISTORY_SYMBOLS)
-            if len(parts) > 1:  # (one part over the limit is a single row: refused below)
+        if self.engine.full_sequence:
+            # exact tables do not depend on the batch: decode the rows in parts whose KV cache and histories
+            # fit in memory (one part over a limit is a single row: refused below)
+            parts = self._parts_that_fit(counts, context, mixing)
+            if len(parts) > 1:
                 return [row for a, b in parts for row in self.decode_group(payloads[a:b], counts[a:b], context, mixing)]
         decoders = [RangeDecoder(p) for p in payloads]
         sequences: list[list[int]] = [[] for _ in payloads]
@@ -191,6 +192,22 @@ class LlmCoder:
                 sequences[r].append(symbol)
         return sequences
 
+    def _parts_that_fit(self, counts: list[int], context: ContextWindow, mixing: bool) -> list[tuple[int, int]]:
+        """Consecutive ``(start, end)`` runs of rows whose KV cache fits the engine's limit and, when mixing,
+        whose histories hold at most :data:`HISTORY_SYMBOLS` symbols (a row over a limit alone)."""
+        parts: list[tuple[int, int]] = []
+        start, held, longest = 0, 0, 0
+        for end, count in enumerate(counts):
+            positions = max(longest, context.longest_context(count))
+            kv = (end - start + 1) * positions * self.engine.kv_bytes_per_position
+            if end > start and (kv > self.engine.kv_limit or mixing and held + count > HISTORY_SYMBOLS):
+                parts.append((start, end))
+                start, held, positions = end, 0, context.longest_context(count)
+            held += count
+            longest = positions
+        parts.append((start, len(counts)))
+        return parts
+
     def _lockstep(self, counts: list[int], context: ContextWindow, symbol_at) -> Iterator[tuple[int, list, object]]:
         """The decoder's schedule: yields ``(step, live rows, tables)``; the caller settles each live row's
         symbol of that step (``symbol_at(step, row)`` must then return it) before the next one."""
@@ -206,16 +223,3 @@ class LlmCoder:
             yield step, live, session.step([h[step] for h in history])
             for r in range(rows):
                 history[r].append(self.tokenizer.model_input(symbol_at(step, r)) if step < counts[r] else prime)
-
-
-def _parts_within(counts: list[int], limit: int) -> list[tuple[int, int]]:
-    """Consecutive ``(start, end)`` runs of rows whose counts sum to at most ``limit`` (a longer row alone)."""
-    parts: list[tuple[int, int]] = []
-    start, held = 0, 0
-    for end, count in enumerate(counts):
-        if held and held + count > limit:
-            parts.append((start, end))
-            start, held = end, 0
-        held += count
-    parts.append((start, len(counts)))
-    return parts

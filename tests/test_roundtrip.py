@@ -292,6 +292,28 @@ def test_a_group_over_the_engines_kv_limit_is_refused(tiny_model):
         engine.session(64, 2000)
 
 
+def test_exact_decoder_splits_groups_to_fit_the_memory_it_has(tiny_model, monkeypatch):
+    """Exact rows decode in parts when the device has room for fewer rows' KV cache than the archive's group."""
+    from llmpipe.engine import exact_engine
+
+    data = TEXT[:6000]
+    archive = Compressor(tiny_model, chunk_size=CHUNK * 4, batch=6, threads=1).compress(data)
+    per_position = exact_engine.ExactKVCache.bytes_per_position(tiny_model.config)
+    limit = 2 * (CHUNK * 4 + 1) * per_position  # two rows of the longest possible block
+    monkeypatch.setattr(exact_engine, "available_memory", lambda device: limit)
+    sessions: list[tuple[int, int]] = []
+    original = exact_engine.ExactEngine.session
+
+    def recording(self, rows, positions):
+        sessions.append((rows, positions))
+        return original(self, rows, positions)
+
+    monkeypatch.setattr(exact_engine.ExactEngine, "session", recording)
+    assert Decompressor(tiny_model, batch=6).decompress(archive) == data
+    assert len(sessions) >= 2 and sum(rows for rows, _ in sessions) == 6
+    assert all(rows * positions * per_position <= limit for rows, positions in sessions)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_window_never_costs_more_than_storing_it_plain(tiny_model, seed):
     """Mixed input (random bytes around text): the blocks together never outweigh one zstd/raw block."""

@@ -5,11 +5,14 @@ not have to replay the decoder's schedule: it scores all positions of a chunk
 in one full-sequence pass (many times faster than one position per step),
 any rows together, while the decoder steps through the KV cache in whatever
 batch it likes. The int8 weights are derived once and kept in the model's
-cache directory next to the float weights.
+cache directory next to the float weights, transposed (K x N) as the integer
+matmuls read them: on the CPU the engine runs on the file's mapped pages, so
+its weights are in memory once, shared by every llmpipe process using them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -41,7 +44,9 @@ def _exact_weights(model: LoadedModel) -> Mapping[str, torch.Tensor]:
     copy would silently make archives that decode nowhere else, so it is
     derived again instead.
     """
-    path = Path(model.directory) / f"exact-v{NUMERICS_VERSION}.safetensors"
+    path = Path(model.directory) / f"exact-v{NUMERICS_VERSION}-kn.safetensors"
+    with contextlib.suppress(OSError):  # llmpipe 0.2 kept them (N, K) under the plain name
+        Path(model.directory, f"exact-v{NUMERICS_VERSION}.safetensors").unlink(missing_ok=True)
     if path.exists():
         stored = LazyWeights(path)
         if stored.metadata().get("sha256") == weights_hash(stored):

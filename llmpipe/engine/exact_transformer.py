@@ -63,8 +63,8 @@ QUERY_BLOCK = 64  # full-sequence attention handles this many query positions at
 class ExactWeight:
     """An int8 weight stored transposed for ``int16_int8_matmul``, with its per-channel scales and bias."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.q_t = q.t().contiguous()  # (K, N) int8
+    def __init__(self, q_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.q_t = q_t  # (K, N) int8, as prepared: on the CPU the cache file's own pages, no copy
         self.scale = scale.to(torch.float32)  # (N,)
         self.bias = bias  # (N,) float32 or None
 
@@ -128,7 +128,7 @@ def prepare_exact_weights(config: ModelConfig, weights: Mapping[str, torch.Tenso
                 bias = folded if bias is None else bias + folded
             weight = weight * weights[f"{norm}.weight"].to(torch.float32)[None, :]
         q, scale = quantize_weight(weight)
-        out[f"{name}.q"], out[f"{name}.scale"] = q, scale
+        out[f"{name}.q_t"], out[f"{name}.scale"] = q.t().contiguous(), scale  # (K, N): the layout matmuls use
         if bias is not None:
             out[f"{name}.bias"] = bias.contiguous()
 
@@ -228,7 +228,7 @@ class ExactTransformer:
             return exact_weights[name].to(self.device) if name in exact_weights else None
 
         def weight(name: str) -> ExactWeight:
-            return ExactWeight(tensor(f"{name}.q"), tensor(f"{name}.scale"), tensor(f"{name}.bias"))
+            return ExactWeight(tensor(f"{name}.q_t"), tensor(f"{name}.scale"), tensor(f"{name}.bias"))
 
         self.embed = tensor("embed")
         self.positions = tensor("positions")  # learned position embeddings (GPT-2)

@@ -91,7 +91,9 @@ def test_open_llama_7b_on_a_16_gb_gpu(options, batch):
     assert run([*base, *options, "-b", str(batch + 1)]).returncode == 1
 
 
-@pytest.mark.parametrize("model", ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "default"])
+@pytest.mark.parametrize(
+    "model", ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "openlm-research/open_llama_3b", "default"]
+)
 @pytest.mark.parametrize(
     "options", [["--numerics", "float", "--dtype", "float16"], ["--numerics", "float", "--load-in-8bit"]]
 )
