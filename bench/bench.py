@@ -112,7 +112,7 @@ def save(name: str, payload: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload.update(
         machine=machine(),
-        command="python bench/bench.py " + " ".join(sys.argv[1:]),
+        command=" ".join(["python", Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]]),
         date=datetime.date.today().isoformat(),
     )
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
@@ -725,7 +725,10 @@ def _memory_section(run_data: dict) -> list[str]:
         "",
         f"Compressing {run_data['coding'][0]['bytes']} bytes with the same configuration cut to "
         f"{run_data['code_layers']} layers, batch 4: the plan (`llmpipe models --plan`, printed by `-v`) against "
-        "the measured peak.",
+        "the measured peak. The resident set counts the pages of the memory-mapped weight files the run read "
+        "(the float16 model file, and the exact engine's int8 file, which it runs on directly), which the kernel "
+        "reclaims under pressure; anonymous memory is what the run holds. The plan's activation part is an "
+        "estimate; where anonymous memory exceeds the plan (8-bit weights on the CPU), the cause is not traced yet.",
     ]
     lines += _table_head("| engine | plan | peak anonymous | peak resident | resident / plan |")
     for r in run_data["coding"]:
