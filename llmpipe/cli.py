@@ -146,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --numerics float: int8 weights through bitsandbytes (LLM.int8), half of float16's memory",
     )
     p.add_argument(
+        "--steer",
+        default="none",
+        metavar="MODE",
+        help="a prompt before every chunk, stored in the header: none (default), text:STRING, random:N[:SEED]",
+    )
+    p.add_argument(
         "--mixer",
         choices=("ngram-match", "none"),
         default="ngram-match",
@@ -444,6 +450,7 @@ def _compress_work(args: argparse.Namespace):
         dtype=args.dtype,
         load_in_8bit=args.load_in_8bit,
         memory=args.memory,
+        steer=args.steer,
         log=(lambda line: print(f"llmpipe: plan: {line}", file=sys.stderr)) if args.verbose else None,
     )
 

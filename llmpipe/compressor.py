@@ -43,6 +43,7 @@ from llmpipe.format.container import (
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.config import ModelConfig
+from llmpipe.steering.prompt import parse_steer
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 MIN_BYTES_PER_SYMBOL = 1.5
@@ -170,10 +171,12 @@ class Compressor:
         load_in_8bit: bool = False,
         memory: int | None = None,
         log: Callable[[str], None] | None = None,
+        steer: str = "none",
     ) -> None:
         """``batch`` None: :data:`DEFAULT_BATCH` rows, or as many as the memory plan fits in ``memory``
         (bytes; default: what ``device`` has available). An explicit batch that does not fit is refused
-        before any weights are read. ``log`` receives the plan, line by line (``-v``)."""
+        before any weights are read. ``log`` receives the plan, line by line (``-v``). ``steer`` is a
+        ``--steer`` value (``steering.prompt.parse_steer``)."""
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
         if batch is not None and not 1 <= batch <= MAX_ROWS:
@@ -204,7 +207,9 @@ class Compressor:
         self.batch = batch
         self.mixing = mixing
         self.threads = threads
+        self.prompt = parse_steer(steer, self.model)
         engine = create_engine(numerics, self.model, threads, batch, device, dtype, load_in_8bit)
+        engine.set_prompt(self.prompt)
         # a row never has more symbols than chunk_size, nor a context more than the window
         worst_positions = min(self.context.longest_context(chunk_size), engine.max_positions)
         try:  # refuse now what a group of this size could need, not hours into the input
@@ -227,7 +232,7 @@ class Compressor:
             "context": self.context.record(),
             "mixer": mixer.record(self.mixing),
             "numerics": self._coder.engine.numerics(),
-            "steering": None,
+            "steering": self.prompt.record() if self.prompt else None,
         }
 
     def writer(

@@ -46,6 +46,7 @@ from llmpipe.format.container import (
 )
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
+from llmpipe.steering.prompt import prompt_from_record
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Decompressor:
         self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None
         self._coder: LlmCoder | None = None
         self._coder_key: tuple | None = None
+        self._prompt_record: dict | None = None  # the steering record the engine holds now
 
     def _coder_for(self, header: dict) -> LlmCoder:
         """Load the model (once) and check it and the numerics against the header."""
@@ -153,6 +155,12 @@ class Decompressor:
             engine = create_engine(kind, self._model, threads, batch, self._device, dtype, load_in_8bit)
             self._coder = LlmCoder(engine, self._model.tokenizer)
             self._coder_key = key
+            self._prompt_record = None
+        if header.get("steering") != self._prompt_record:  # each stream of a concatenation has its own
+            config = self._model.config
+            prompt = prompt_from_record(header.get("steering"), config.hidden_size, config.vocab_size)
+            self._coder.engine.set_prompt(prompt)
+            self._prompt_record = header.get("steering")
         return self._coder
 
     def decompress_stream(

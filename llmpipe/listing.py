@@ -6,6 +6,7 @@ takes a few reads and milliseconds.
 
 from __future__ import annotations
 
+import json
 from typing import BinaryIO
 
 from llmpipe.format.container import BlockKind, StreamIndex, read_archive_index
@@ -48,7 +49,8 @@ def _stream(stream: StreamIndex, blocks: bool) -> dict:
         "context": header.get("context"),
         "mixer": header.get("mixer"),
         "steering": header.get("steering"),
-        "steering_bytes": 0,  # no steering vector is stored yet (the header field is null)
+        # what the record adds to the header before zstd (an upper bound of its cost)
+        "steering_bytes": len(json.dumps(header["steering"])) if header.get("steering") else 0,
         "header_bytes": stream.header_size,
         "index_bytes": stream.index_size,
         "original_bytes": stream.original_size,
@@ -96,6 +98,15 @@ def format_table(infos: list[dict], verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _steering(record) -> str:
+    """A header's steering record in a few words."""
+    if not isinstance(record, dict):
+        return "none"
+    if record.get("mode") == "text":
+        return f"text {str(record.get('text'))[:40]!r} ({len(record.get('tokens') or [])} tokens)"
+    return f"{record.get('mode')} ({record.get('tokens')} virtual tokens, seed {record.get('seed')})"
+
+
 def _details(streams: list[dict]) -> list[str]:
     lines = []
     for k, s in enumerate(streams, 1):
@@ -106,7 +117,7 @@ def _details(streams: list[dict]) -> list[str]:
             f"  stream {k}: model {s['model']} (weights {str(s['weights_sha256'])[:12]}...), "
             f"numerics {numerics.get('engine')} v{numerics.get('version', '-')}, chunk {s['chunk_size']}, "
             f"batch {s['batch']}, context {context.get('window')}/{context.get('overlap')}, "
-            f"mixer {mixer.get('name', 'none')}, steering {s['steering'] or 'none'} ({s['steering_bytes']} bytes), "
+            f"mixer {mixer.get('name', 'none')}, steering {_steering(s['steering'])} ({s['steering_bytes']} bytes), "
             f"header {s['header_bytes']} + index {s['index_bytes']} bytes"
         )
         for b in s.get("block_list", []):

@@ -23,3 +23,10 @@ def test_golden_archive_without_mixer(tiny_model):
     """Archives from before the mixer (no ``mixer`` header field) still decode, and --mixer none makes them."""
     compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1, mixing=False)
     check_golden("tiny_model_no_mixer", compressor, Decompressor(tiny_model), SOURCE, ABOUT)
+
+
+def test_golden_archive_with_steering(tiny_model):
+    """A random steering prompt (vectors from SHA-256, FORMAT.md section 5) changes no bit over time."""
+    compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1, steer="random:4:9")
+    about = ABOUT + ", mixer ngram-match v1, --steer random:4:9"
+    check_golden("tiny_model_steer_random", compressor, Decompressor(tiny_model), SOURCE, about)

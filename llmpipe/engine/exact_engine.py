@@ -24,6 +24,7 @@ from llmpipe.engine.exact_transformer import NUMERICS_VERSION, ExactKVCache, Exa
 from llmpipe.engine.memory import available_memory, check_kv_budget
 from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LazyWeights, LoadedModel, weights_hash
+from llmpipe.steering.prompt import SteeringPrompt, prompt_rows
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 TOKENS_PER_PASS = 1024
@@ -78,6 +79,11 @@ class ExactEngine:
     def numerics(self) -> dict:
         """The header's numerics record: no machine details, since they do not matter."""
         return {"engine": "exact", "version": NUMERICS_VERSION}
+
+    def set_prompt(self, prompt: SteeringPrompt | None) -> None:
+        """Steer every row with ``prompt`` (None: no prompt); its positions come out of the model's context."""
+        self._network.set_prompt(prompt_rows(prompt, self._network.embed))
+        self.max_positions = self._network.config.max_position_embeddings - (prompt.length if prompt else 0)
 
     def session(self, rows: int, max_len: int) -> LockstepSession:
         check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position, self.kv_limit)

@@ -160,6 +160,11 @@ class ExactKVCache:
         self.key_scales = torch.zeros(shape, device=device)  # (L, B, KV, T)
         self.value_scales = torch.zeros(shape, device=device)
         self.length = 0
+        self.start = 0  # positions held by the steering prompt, which a restart keeps
+
+    def reset(self) -> None:
+        """Forget everything after the steering prompt."""
+        self.length = self.start
 
     @staticmethod
     def bytes_per_position(config: ModelConfig) -> int:
@@ -249,9 +254,31 @@ class ExactTransformer:
         self.activation_limit = (len(activation) - 1) // 2
         # IEEE sqrt and division are correctly rounded: the same float everywhere; times the grid (a power of two)
         self.score_factor = torch.tensor(ATTENTION_GRID / math.sqrt(config.head_dim), device=self.device)
+        self._prompt: ExactKVCache | None = None
+
+    def set_prompt(self, rows: torch.Tensor | None) -> None:
+        """Put ``rows`` (P, C) float32 embedding rows before every sequence: their keys and values are
+        computed once here (exactly, so the same as in any batch) and copied into each new cache."""
+        self._prompt = None
+        if rows is not None:
+            self._prompt = ExactKVCache(self.config, 1, len(rows), self.device)
+            with torch.inference_mode():
+                self._hidden(rows.to(self.device, torch.float32)[None], self._prompt)
 
     def new_cache(self, batch: int, max_len: int) -> ExactKVCache:
-        return ExactKVCache(self.config, batch, max_len, self.device)
+        """A cache for ``batch`` rows of ``max_len`` positions after the prompt, holding the prompt."""
+        held = self._prompt.length if self._prompt else 0
+        cache = ExactKVCache(self.config, batch, held + max_len, self.device)
+        if self._prompt:
+            for mine, prompt in (
+                (cache.keys, self._prompt.keys),
+                (cache.values, self._prompt.values),
+                (cache.key_scales, self._prompt.key_scales),
+                (cache.value_scales, self._prompt.value_scales),
+            ):
+                mine[:, :, :, :held] = prompt  # broadcast over the rows
+            cache.length = cache.start = held
+        return cache
 
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate the first ``rotary_dim`` dims of each head; x: (B, T, heads, hd) float32."""
@@ -332,13 +359,15 @@ class ExactTransformer:
 
     def hidden(self, tokens: torch.Tensor, cache: ExactKVCache) -> NormedRows:
         """Run ``tokens`` (B, T) after what ``cache`` holds; return the final normed rows (B * T of them)."""
+        return self._hidden(self.embed[tokens.to(self.device)], cache)
+
+    def _hidden(self, x: torch.Tensor, cache: ExactKVCache) -> NormedRows:
+        """The network on float32 embedding rows ``x`` (B, T, C) after what ``cache`` holds."""
         cfg = self.config
-        tokens = tokens.to(self.device)
-        b, t = tokens.shape
+        b, t, _ = x.shape
         start = cache.length
         heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         eps = cfg.norm_eps
-        x = self.embed[tokens]  # (B, T, C) float32
         if self.positions is not None:
             x = x + self.positions[start : start + t]
         x = x.reshape(b * t, cfg.hidden_size)

@@ -21,6 +21,7 @@ from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.linear import INT8_THRESHOLD, bitsandbytes_version
 from llmpipe.models.transformer import Transformer
+from llmpipe.steering.prompt import SteeringPrompt, prompt_rows
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,6 +84,11 @@ class FloatEngine:
 
     def numerics(self) -> dict:
         return dict(self._fingerprint)
+
+    def set_prompt(self, prompt: SteeringPrompt | None) -> None:
+        """Steer every row with ``prompt`` (None: no prompt); its positions come out of the model's context."""
+        self._network.set_prompt(prompt_rows(prompt, self._network.embed))
+        self.max_positions = self._network.config.max_position_embeddings - (prompt.length if prompt else 0)
 
     def session(self, rows: int, max_len: int) -> LockstepSession:
         """A lockstep group; refuses groups longer than the model's context or larger than the memory limit."""

@@ -39,13 +39,14 @@ class LockstepSession:
         return frequency_tables(logits[:, 0], ESCAPE_SYMBOLS)
 
     def restart(self, prefixes: list[list[int]]) -> None:
-        """Empty the cache and fill it with ``prefixes`` (one per row, equal lengths): a re-primed window.
+        """Empty the cache (but for the steering prompt) and fill it with ``prefixes`` (one per row, equal
+        lengths): a re-primed window.
 
         The prefixes go in slices of positions so that one pass holds about
         :data:`PREFILL_TOKENS` tokens (bigger passes run slower, from the
         size of their temporaries).
         """
-        self._cache.length = 0
+        self._cache.reset()
         tokens = torch.tensor(prefixes, dtype=torch.long)  # (B, T)
         width = max(1, PREFILL_TOKENS // len(prefixes))
         with torch.inference_mode():

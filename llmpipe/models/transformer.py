@@ -34,6 +34,11 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, KV, T, hd)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # positions filled so far, the same for every row (lockstep)
+        self.start = 0  # positions held by the steering prompt, which a restart keeps
+
+    def reset(self) -> None:
+        """Forget everything after the steering prompt."""
+        self.length = self.start
 
 
 class Transformer:
@@ -78,6 +83,7 @@ class Transformer:
                 layer[f"{key}_bias"] = tensor(f"{prefix}{name}.bias")
             self.layers.append(layer)
         self.activation = ACTIVATION_FUNCTIONS[config.activation]
+        self._prompt: KVCache | None = None
         if config.positions == "rope":
             half = config.rotary_dim // 2
             inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.float64) / half))
@@ -86,10 +92,26 @@ class Transformer:
             self.rope_cos = angles.cos().to(device=self.device, dtype=dtype)
             self.rope_sin = angles.sin().to(device=self.device, dtype=dtype)
 
+    def set_prompt(self, rows: torch.Tensor | None) -> None:
+        """Put ``rows`` (P, C) embedding rows before every sequence: their keys and values are computed
+        once here and copied into each new cache."""
+        self._prompt = None
+        if rows is not None:
+            self._prompt = KVCache(self.config, 1, len(rows), self.dtype, self.device)
+            with torch.inference_mode():
+                self._run(rows.to(self.device, self.dtype)[None], self._prompt, logits=False)
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        if max_len > self.config.max_position_embeddings:
-            raise ValueError(f"{max_len} positions exceed the model's {self.config.max_position_embeddings}")
-        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+        """A cache for ``batch`` rows of ``max_len`` positions after the prompt, holding the prompt."""
+        held = self._prompt.length if self._prompt else 0
+        if held + max_len > self.config.max_position_embeddings:
+            raise ValueError(f"{held + max_len} positions exceed the model's {self.config.max_position_embeddings}")
+        cache = KVCache(self.config, batch, held + max_len, self.dtype, self.device)
+        if self._prompt:
+            cache.keys[:, :, :, :held] = self._prompt.keys  # (L, 1, KV, P, hd) broadcast over the rows
+            cache.values[:, :, :, :held] = self._prompt.values
+            cache.length = cache.start = held
+        return cache
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """RMSNorm or LayerNorm, computed in float32 whatever the dtype (as transformers does: a float16
@@ -124,9 +146,12 @@ class Transformer:
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, logits: bool = True) -> torch.Tensor:
         """Logits for ``tokens`` (B, T) appended after what ``cache`` holds: (B, T, V) float32 on the CPU."""
+        return self._run(F.embedding(tokens.to(self.device), self.embed), cache, logits)
+
+    def _run(self, x: torch.Tensor, cache: KVCache, logits: bool) -> torch.Tensor:
+        """The network on embedding rows ``x`` (B, T, C) appended after what ``cache`` holds."""
         cfg = self.config
-        tokens = tokens.to(self.device)
-        b, t = tokens.shape
+        b, t, _ = x.shape
         start = cache.length
         end = start + t
         heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -134,7 +159,6 @@ class Transformer:
         mask = None
         if t > 1:  # causal mask over the new positions; earlier positions are all visible
             mask = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(diagonal=start)  # (T, S)
-        x = F.embedding(tokens, self.embed)  # (B, T, C)
         if self.positions is not None:
             x = x + self.positions[start:end]
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,1 @@
+"""Steering: a prompt before every chunk (``prompt``), recorded in the archive header."""

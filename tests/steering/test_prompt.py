@@ -1,0 +1,118 @@
+"""The steering prompt: parsing, the header record, exactness of the shared prompt cache, round trips."""
+
+import hashlib
+import io
+import re
+
+import pytest
+import torch
+
+from llmpipe.compressor import Compressor
+from llmpipe.decompressor import Decompressor
+from llmpipe.errors import ArchiveError, UsageError
+from llmpipe.steering.prompt import parse_steer, prompt_from_record, random_prompt
+from tests.bad_archives import split_header, with_header
+from tests.conftest import ARCHITECTURES
+from tests.test_cli import run
+from tests.tiny_model import DATA
+
+TEXT = (DATA / "alice_chapter1.txt").read_bytes()
+MODES = ["none", "text:Alice in Wonderland, chapter one.", "random:4", "random:3:7"]
+
+
+def test_random_prompt_is_pinned():
+    """The vectors come from SHA-256 alone: the same bits on every machine, now and later."""
+    prompt = random_prompt(3, 5, 0.0625, 64)
+    digest = hashlib.sha256(prompt.vectors.astype("<f4").tobytes()).hexdigest()
+    assert digest == "ebc0ff229706f137ac447ddcd2ca1f951e0ab4489e904318458a1edb701ccce9"
+    assert prompt.vectors.shape == (3, 64) and abs(prompt.vectors).max() == 0.0625
+    assert prompt_from_record(prompt.record(), 64, 100).vectors.tobytes() == prompt.vectors.tobytes()
+
+
+@pytest.mark.parametrize("spec", ["", "text:", "random:0", "random:x", "random:257", "learn", "none:1"])
+def test_bad_steer_values_are_refused(tiny_model, spec):
+    with pytest.raises(UsageError, match="--steer"):
+        parse_steer(spec, tiny_model)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "text",
+        {"mode": "text", "text": "a", "tokens": []},
+        {"mode": "text", "text": "a", "tokens": [10**9]},
+        {"mode": "random", "tokens": 4, "seed": -1, "scale": 0.5},
+        {"mode": "random", "tokens": 4, "seed": 0, "scale": 1},
+        {"mode": "learned"},
+    ],
+)
+def test_damaged_steering_records_are_refused(record):
+    with pytest.raises(ArchiveError):
+        prompt_from_record(record, 64, 300)
+
+
+def test_exact_text_prompt_equals_the_prompt_tokens_run_inline(tiny_model):
+    """The prompt's cache, computed once and copied into every row, gives the very tables of running the
+    prompt's tokens in front of each row: exact numerics stay exact with a prompt."""
+    from llmpipe.engine.exact_engine import ExactEngine
+
+    prompt = parse_steer("text:The first chapter.", tiny_model)
+    engine = ExactEngine(tiny_model, threads=1)
+    rows = [tiny_model.tokenizer.encode(TEXT[a : a + 200])[:40] for a in (0, 500, 900)]
+    inputs = [[tiny_model.tokenizer.prime_token] + [tiny_model.tokenizer.model_input(s) for s in r] for r in rows]
+    inline = [list(prompt.tokens) + x for x in inputs]
+    expected = {i: freq for i, _, freq in engine.tables(inline, [len(prompt.tokens)] * 3)}
+    engine.set_prompt(prompt)
+    steered = {i: freq for i, _, freq in engine.tables(inputs, [0] * 3)}
+    assert all(torch.equal(steered[i], expected[i]) for i in range(3))
+    session = engine.session(3, 41)  # the decoder's path: the shared cache, one position per step
+    stepped = [session.step([x[p] for x in inputs]) for p in range(41)]
+    assert all(torch.equal(stepped[p][i], expected[i][p]) for p in range(41) for i in range(3))
+    assert engine.max_positions == tiny_model.config.max_position_embeddings - len(prompt.tokens)
+
+
+@pytest.mark.parametrize("numerics", ["exact", "float"])
+@pytest.mark.parametrize("steer", MODES)
+def test_every_mode_round_trips_at_another_batch(tiny_model, numerics, steer):
+    """With context-window restarts (the prompt survives them) and a decoder batch unlike the encoder's."""
+    data = TEXT[:3000]
+    compressor = Compressor(
+        tiny_model, chunk_size=1024, batch=3, threads=1, numerics=numerics, steer=steer, context=64, overlap=16
+    )
+    sink = io.BytesIO()
+    stats = compressor.compress_stream(io.BytesIO(data), sink)
+    assert stats.llm_input_bytes > 2000
+    record = split_header(sink.getvalue())[0]["steering"]
+    assert (record or {"mode": "none"})["mode"] == steer.split(":")[0]
+    assert Decompressor(tiny_model, batch=2).decompress(sink.getvalue()) == data
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES[1:])
+def test_virtual_tokens_steer_other_architectures(tiny_models, arch):
+    """GPT-2's learned positions and GPT-NeoX's partial rotary embeddings count the prompt's positions."""
+    model = tiny_models[arch]
+    data = TEXT[:2000]
+    archive = Compressor(model, chunk_size=1024, batch=2, threads=1, steer="random:5").compress(data)
+    assert Decompressor(model, batch=1).decompress(archive) == data
+
+
+def test_a_changed_prompt_fails_the_checksum_not_silently(tiny_model):
+    from llmpipe.errors import ChecksumError
+
+    archive = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1, steer="random:4").compress(TEXT[:2000])
+    header, _ = split_header(archive)
+    header["steering"]["seed"] = 1
+    with pytest.raises(ChecksumError):
+        Decompressor(tiny_model).decompress(with_header(archive, header))
+
+
+def test_cli_steer_and_listing(tiny_model_dir, tmp_path):
+    model = ["--model", str(tiny_model_dir), "--chunk-size", "1K"]
+    done = run(["-c", *model, "--steer", "text:Alice"], TEXT[:2000])
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "a.llmp").write_bytes(done.stdout)
+    listed = run(["-l", "-v", str(tmp_path / "a.llmp")]).stdout.decode()
+    assert re.search(r"steering text 'Alice' \(\d+ tokens\) \(\d+ bytes\)", listed), listed
+    assert run(["-d", *model], done.stdout).stdout == TEXT[:2000]
+    refused = run(["-c", *model, "--steer", "learn:4"], TEXT[:100])
+    assert refused.returncode == 1 and refused.stderr.count(b"\n") == 1 and b"--steer" in refused.stderr
