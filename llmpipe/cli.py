@@ -149,7 +149,12 @@ def _parser() -> argparse.ArgumentParser:
         "--steer",
         default="none",
         metavar="MODE",
-        help="a prompt before every chunk, stored in the header: none (default), text:STRING, random:N[:SEED]",
+        help="a prompt before every chunk, stored in the header: none (default), text:STRING, random:N[:SEED], "
+        "learn:N (N virtual tokens trained on the input's first window, coded with a Gaussian prior)",
+    )
+    p.add_argument("--steer-epochs", type=int, default=100, metavar="N", help="training steps of learn:N (100)")
+    p.add_argument(
+        "--steer-seconds", type=float, default=600, metavar="S", help="time limit of learn:N's training (600)"
     )
     p.add_argument(
         "--mixer",
@@ -451,6 +456,8 @@ def _compress_work(args: argparse.Namespace):
         load_in_8bit=args.load_in_8bit,
         memory=args.memory,
         steer=args.steer,
+        steer_epochs=args.steer_epochs,
+        steer_seconds=args.steer_seconds,
         log=(lambda line: print(f"llmpipe: plan: {line}", file=sys.stderr)) if args.verbose else None,
     )
 

@@ -11,6 +11,7 @@ losing chunks are simply dropped.
 
 from __future__ import annotations
 
+import base64
 import functools
 import io
 import time
@@ -43,7 +44,14 @@ from llmpipe.format.container import (
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.config import ModelConfig
-from llmpipe.steering.prompt import parse_steer
+from llmpipe.steering.prompt import (
+    SteeringPrompt,
+    learn_tokens,
+    learned_prompt,
+    parse_steer,
+    prompt_from_record,
+)
+from llmpipe.steering.train import learn_vector
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 MIN_BYTES_PER_SYMBOL = 1.5
@@ -152,6 +160,26 @@ def default_batch(plan: MemoryPlan, chunk_size: int) -> int:
     return max(1, min(DEFAULT_BATCH, MAX_WINDOW // chunk_size, plan.largest_batch()))
 
 
+SAMPLE_ROWS = 8
+SAMPLE_TOKENS = 256
+
+
+def sample_rows(window: bytes, tokenizer) -> list[list[int]]:
+    """Up to :data:`SAMPLE_ROWS` rows of at most :data:`SAMPLE_TOKENS` model inputs (each after the prime
+    token), taken at even intervals across ``window``: what a learned prompt trains on."""
+    rows = []
+    stride = max(1, len(window) // SAMPLE_ROWS)
+    for a in range(0, len(window), stride):
+        piece = window[a : a + 4 * SAMPLE_TOKENS]
+        piece = piece[: utf8_safe_split(piece)] if a + len(piece) < len(window) else piece
+        symbols = tokenizer.encode(piece)[:SAMPLE_TOKENS]
+        if len(symbols) > 1:
+            rows.append([tokenizer.prime_token] + [tokenizer.model_input(x) for x in symbols])
+    return rows[:SAMPLE_ROWS] or [
+        [tokenizer.prime_token] + [tokenizer.model_input(x) for x in tokenizer.encode(window)]
+    ]
+
+
 class Compressor:
     """Holds a loaded model and compresses any number of streams with it."""
 
@@ -172,11 +200,14 @@ class Compressor:
         memory: int | None = None,
         log: Callable[[str], None] | None = None,
         steer: str = "none",
+        steer_epochs: int = 100,
+        steer_seconds: float = 600.0,
     ) -> None:
         """``batch`` None: :data:`DEFAULT_BATCH` rows, or as many as the memory plan fits in ``memory``
         (bytes; default: what ``device`` has available). An explicit batch that does not fit is refused
-        before any weights are read. ``log`` receives the plan, line by line (``-v``). ``steer`` is a
-        ``--steer`` value (``steering.prompt.parse_steer``)."""
+        before any weights are read. ``log`` receives the plan, line by line (``-v``), and the steering
+        training's progress. ``steer`` is a ``--steer`` value: fixed (``steering.prompt.parse_steer``) or
+        ``learn:N``, trained on each stream's first window within ``steer_epochs`` and ``steer_seconds``."""
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between 16 and {MAX_CHUNK_SIZE} bytes")
         if batch is not None and not 1 <= batch <= MAX_ROWS:
@@ -207,7 +238,10 @@ class Compressor:
         self.batch = batch
         self.mixing = mixing
         self.threads = threads
-        self.prompt = parse_steer(steer, self.model)
+        self._learn = learn_tokens(steer)
+        self._learn_budget = (steer_epochs, steer_seconds)
+        self._log = log
+        self.prompt = None if self._learn else parse_steer(steer, self.model)
         engine = create_engine(numerics, self.model, threads, batch, device, dtype, load_in_8bit)
         engine.set_prompt(self.prompt)
         # a row never has more symbols than chunk_size, nor a context more than the window
@@ -220,6 +254,32 @@ class Compressor:
             raise UsageError(f"--batch {batch} with --chunk-size {chunk_size}: {exc}") from None
         self._coder = LlmCoder(engine, self.model.tokenizer)
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+
+    def begin_stream(self) -> None:
+        """A new stream: with ``learn:N`` its prompt is learned again, from its own first window."""
+        if self._learn:
+            self._set_prompt(None)
+
+    def steer_on(self, sample: bytes) -> None:
+        """Before the header is written: learn the stream's prompt on ``sample`` (``learn:N`` only)."""
+        if not self._learn or not sample:
+            return
+        rows = sample_rows(sample, self.model.tokenizer)
+        if not rows:  # too little text to learn from: no prompt
+            return
+        epochs, seconds = self._learn_budget
+        vector = learn_vector(self.model, rows, self._learn, epochs=epochs, seconds=seconds, log=self._log)
+        self._set_prompt(learned_prompt(vector.q, self._learn, vector.step))
+        if self._log:
+            coded = len(base64.b64decode(self.prompt.record()["data"]))
+            self._log(
+                f"steering: learned {self._learn} tokens in {vector.epochs} epochs: sample "
+                f"{vector.sample_bits_before:.0f} -> {vector.sample_bits_after:.0f} bits, vector {8 * coded} bits"
+            )
+
+    def _set_prompt(self, prompt: SteeringPrompt | None) -> None:
+        self.prompt = prompt
+        self._coder.engine.set_prompt(prompt)
 
     def header(self) -> dict:
         return {
@@ -272,6 +332,9 @@ class Compressor:
             return None
         except ArchiveError as exc:
             raise UsageError(f"{name}: cannot resume from it ({exc})") from None
+        if self._learn:  # the partial archive's prompt was learned on this input: keep it
+            config = self.model.config
+            self._set_prompt(prompt_from_record(header.get("steering"), config.hidden_size, config.vocab_size))
         mine = self.header()
         differ = sorted(k for k in set(mine) | set(header) if k != "llmpipe" and mine.get(k) != header.get(k))
         if differ:
@@ -410,12 +473,13 @@ class CompressionWriter:
         self._started = time.perf_counter()
         self.stats = Stats(model_load_seconds=compressor.model.load_seconds)
         if resume is None:
+            compressor.begin_stream()
             self._stream = StreamWriter(sink)
-            self.stats.output_bytes += self._stream.write_header(compressor.header())
         else:
             self._stream = resume
             self.stats.output_bytes = resume.size
             self.stats.input_bytes = resume.total_size
+        self._header_due = resume is None  # written with the first window: a learned prompt needs it
         self.closed = False
 
     def write(self, data: bytes) -> int:
@@ -435,13 +499,21 @@ class CompressionWriter:
             if self._buffer:
                 self._code(bytes(self._buffer))
                 self._buffer.clear()
+            self._write_header(b"")
             self.stats.output_bytes += self._stream.finish()
             self._flush_sink()
             self.closed = True
             self.stats.seconds = time.perf_counter() - self._started
         return self.stats
 
+    def _write_header(self, first_window: bytes) -> None:
+        if self._header_due:
+            self._compressor.steer_on(first_window)
+            self.stats.output_bytes += self._stream.write_header(self._compressor.header())
+            self._header_due = False
+
     def _code(self, window: bytes) -> None:
+        self._write_header(window)
         for block in self._compressor.code_window(window, self.stats):
             self.stats.output_bytes += self._stream.write_block(block)
             self.stats.input_bytes += block.original_size

@@ -56,7 +56,7 @@ def _silu(x: decimal.Decimal) -> decimal.Decimal:
     return _CONTEXT.divide(x, 1 + _dexp(-x))
 
 
-def _gaussian_cdf(x: decimal.Decimal) -> decimal.Decimal:
+def gaussian_cdf(x: decimal.Decimal) -> decimal.Decimal:
     """Phi(x) for x >= 0 from the all-positive series erf(z) = 2/sqrt(pi) e^(-z^2) sum (2z^2)^n z / (2n+1)!!.
 
     Every term is positive, so 40 significant digits survive at any z used here (z <= 8 / sqrt 2).
@@ -74,7 +74,7 @@ def _gaussian_cdf(x: decimal.Decimal) -> decimal.Decimal:
 
 
 def _gelu_positive(x: decimal.Decimal) -> decimal.Decimal:
-    return _CONTEXT.multiply(x, _gaussian_cdf(x))
+    return _CONTEXT.multiply(x, gaussian_cdf(x))
 
 
 def _gelu_tanh(x: decimal.Decimal) -> decimal.Decimal:

@@ -148,11 +148,17 @@ class Transformer:
         """Logits for ``tokens`` (B, T) appended after what ``cache`` holds: (B, T, V) float32 on the CPU."""
         return self._run(F.embedding(tokens.to(self.device), self.embed), cache, logits)
 
-    def _run(self, x: torch.Tensor, cache: KVCache, logits: bool) -> torch.Tensor:
-        """The network on embedding rows ``x`` (B, T, C) appended after what ``cache`` holds."""
+    def logits_of_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of embedding rows ``x`` (B, T, C) from position 0, without a cache, so autograd
+        can differentiate them (training a steering prompt); in the network's dtype and device."""
+        return self._run(x, None, logits=True, to_cpu=False)
+
+    def _run(self, x: torch.Tensor, cache: KVCache | None, logits: bool, to_cpu: bool = True) -> torch.Tensor:
+        """The network on embedding rows ``x`` (B, T, C) appended after what ``cache`` holds (None: nothing,
+        and nothing is kept)."""
         cfg = self.config
         b, t, _ = x.shape
-        start = cache.length
+        start = cache.length if cache is not None else 0
         end = start + t
         heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         group = heads // kv_heads
@@ -168,10 +174,13 @@ class Transformer:
             v = layer["v"](h).view(b, t, kv_heads, hd).transpose(1, 2)
             if cfg.positions == "rope":
                 q, k = self._rope(q, start), self._rope(k, start)
-            cache.keys[i, :, :, start:end] = k
-            cache.values[i, :, :, start:end] = v
-            keys = cache.keys[i, :, :, :end]  # (B, KV, S, hd), a strided view: no copy
-            values = cache.values[i, :, :, :end]
+            if cache is None:
+                keys, values = k, v
+            else:
+                cache.keys[i, :, :, start:end] = k
+                cache.values[i, :, :, start:end] = v
+                keys = cache.keys[i, :, :, :end]  # (B, KV, S, hd), a strided view: no copy
+                values = cache.values[i, :, :, :end]
             q = q.reshape(b, kv_heads, group * t, hd)  # query heads sharing a KV head
             scores = (q @ keys.transpose(-1, -2)) * (hd**-0.5)  # (B, KV, G*T, S)
             if mask is not None:
@@ -185,10 +194,12 @@ class Transformer:
             else:
                 x = x + attn
                 x = x + self._mlp(self._norm(x, layer["mlp_norm"], layer["mlp_norm_bias"]), layer)
-        cache.length = end
+        if cache is not None:
+            cache.length = end
         if not logits:
             return x
-        return self.lm_head(self._norm(x, *self.final_norm)).to("cpu", torch.float32)  # (B, T, V)
+        out = self.lm_head(self._norm(x, *self.final_norm))  # (B, T, V)
+        return out.to("cpu", torch.float32) if to_cpu else out
 
 
 _LINEARS = {

@@ -12,6 +12,8 @@ involved), so exact numerics stay exact with a prompt.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import math
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 
 from llmpipe.errors import ArchiveError, UsageError
 from llmpipe.models.cache import LoadedModel
+from llmpipe.steering.hyperprior import decode_values, encode_values, scale_for
 
 MAX_PROMPT_TOKENS = 256
 """Longest prompt, in positions: it is paid for in every row's context."""
@@ -30,12 +33,13 @@ MAX_PROMPT_TOKENS = 256
 class SteeringPrompt:
     """``tokens`` (text mode) or ``vectors`` (virtual tokens, (P, C) float32); :meth:`record` is the header's."""
 
-    mode: str  # "text" or "random"
+    mode: str  # "text", "random" or "learned"
     tokens: tuple[int, ...] = ()
     vectors: np.ndarray | None = None
     text: str = ""
     seed: int = 0
     scale: float = 0.0
+    coded: dict | None = None  # learned: step, prior scale and the range-coded integers
 
     @property
     def length(self) -> int:
@@ -44,11 +48,29 @@ class SteeringPrompt:
     def record(self) -> dict:
         if self.mode == "text":
             return {"mode": "text", "text": self.text, "tokens": list(self.tokens)}
+        if self.mode == "learned":
+            return {"mode": "learned", "tokens": self.length, **(self.coded or {})}
         return {"mode": "random", "tokens": self.length, "seed": self.seed, "scale": self.scale}
 
 
+def learned_prompt(q: list[int], tokens: int, step: float) -> SteeringPrompt:
+    """The prompt ``step * q`` (``tokens`` rows), coded with the Gaussian prior; the vectors are those the
+    decoder will rebuild from the record (decoded back, not the encoder's own floats)."""
+    scale_units = scale_for(q)
+    data = encode_values(q, scale_units)
+    coded = {"step": step, "prior": "gaussian", "prior_scale": scale_units, "data": base64.b64encode(data).decode()}
+    return _learned_from(tokens, len(q) // tokens, coded)
+
+
+def _learned_from(tokens: int, hidden_size: int, coded: dict) -> SteeringPrompt:
+    data = base64.b64decode(coded["data"], validate=True)
+    q = decode_values(data, tokens * hidden_size, coded["prior_scale"])
+    vectors = (np.array(q, dtype=np.float32) * np.float32(coded["step"])).reshape(tokens, hidden_size)
+    return SteeringPrompt("learned", vectors=vectors, coded=coded)
+
+
 def parse_steer(spec: str, model: LoadedModel) -> SteeringPrompt | None:
-    """A ``--steer`` value: ``none``, ``text:STRING`` or ``random:N[:SEED]`` (values at the scale of the
+    """A fixed ``--steer`` value: ``none``, ``text:STRING`` or ``random:N[:SEED]`` (values at the scale of the
     model's token embeddings: their RMS rounded to a power of two, exact in the header's JSON)."""
     kind, _, rest = spec.partition(":")
     if kind == "none" and not rest:
@@ -65,7 +87,19 @@ def parse_steer(spec: str, model: LoadedModel) -> SteeringPrompt | None:
             embed = model.weights["model.embed_tokens.weight"].to(torch.float64)
             scale = float(2.0 ** round(math.log2(float(embed.square().mean().sqrt()))))
             return random_prompt(int(count), int(seed or 0), scale, model.config.hidden_size)
-    raise UsageError(f"--steer {spec!r}: expected none, text:STRING or random:N[:SEED] (N up to {MAX_PROMPT_TOKENS})")
+    raise UsageError(
+        f"--steer {spec!r}: expected none, text:STRING, random:N[:SEED] or learn:N (N up to {MAX_PROMPT_TOKENS})"
+    )
+
+
+def learn_tokens(spec: str) -> int | None:
+    """N of a ``learn:N`` value (the prompt is then trained on the input), else None."""
+    kind, _, count = spec.partition(":")
+    if kind != "learn":
+        return None
+    if not count.isdigit() or not 1 <= int(count) <= MAX_PROMPT_TOKENS:
+        raise UsageError(f"--steer {spec!r}: learn:N takes N from 1 to {MAX_PROMPT_TOKENS}")
+    return int(count)
 
 
 def random_prompt(count: int, seed: int, scale: float, hidden_size: int) -> SteeringPrompt:
@@ -101,6 +135,16 @@ def prompt_from_record(record: dict | None, hidden_size: int, vocab_size: int) -
         if not ok or not isinstance(scale, float) or not 0 < scale < 1e6:
             raise ArchiveError("corrupt header: steering random prompt")
         return random_prompt(count, seed, scale, hidden_size)
+    if mode == "learned":
+        count, step, prior, scale = (record.get(k) for k in ("tokens", "step", "prior", "prior_scale"))
+        ok = isinstance(count, int) and 1 <= count <= MAX_PROMPT_TOKENS and prior == "gaussian"
+        ok = ok and isinstance(step, float) and 0 < step < 1e6 and math.log2(step).is_integer()
+        if not ok or not isinstance(scale, int) or not isinstance(record.get("data"), str):
+            raise ArchiveError("corrupt header: steering learned prompt")
+        try:
+            return _learned_from(count, hidden_size, {k: record[k] for k in ("step", "prior", "prior_scale", "data")})
+        except (ValueError, binascii.Error):
+            raise ArchiveError("corrupt header: steering learned prompt data") from None
     raise ArchiveError(f"unsupported steering mode {mode!r}")
 
 

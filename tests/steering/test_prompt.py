@@ -17,7 +17,7 @@ from tests.test_cli import run
 from tests.tiny_model import DATA
 
 TEXT = (DATA / "alice_chapter1.txt").read_bytes()
-MODES = ["none", "text:Alice in Wonderland, chapter one.", "random:4", "random:3:7"]
+MODES = ["none", "text:Alice in Wonderland, chapter one.", "random:4", "random:3:7", "learn:2"]
 
 
 def test_random_prompt_is_pinned():
@@ -29,7 +29,7 @@ def test_random_prompt_is_pinned():
     assert prompt_from_record(prompt.record(), 64, 100).vectors.tobytes() == prompt.vectors.tobytes()
 
 
-@pytest.mark.parametrize("spec", ["", "text:", "random:0", "random:x", "random:257", "learn", "none:1"])
+@pytest.mark.parametrize("spec", ["", "text:", "random:0", "random:x", "random:257", "learn", "none:1", "auto"])
 def test_bad_steer_values_are_refused(tiny_model, spec):
     with pytest.raises(UsageError, match="--steer"):
         parse_steer(spec, tiny_model)
@@ -44,6 +44,10 @@ def test_bad_steer_values_are_refused(tiny_model, spec):
         {"mode": "random", "tokens": 4, "seed": -1, "scale": 0.5},
         {"mode": "random", "tokens": 4, "seed": 0, "scale": 1},
         {"mode": "learned"},
+        {"mode": "learned", "tokens": 1, "step": 0.3, "prior": "gaussian", "prior_scale": 16, "data": ""},
+        {"mode": "learned", "tokens": 1, "step": 0.25, "prior": "gaussian", "prior_scale": 16, "data": "!"},
+        {"mode": "learned", "tokens": 1, "step": 0.25, "prior": "laplace", "prior_scale": 16, "data": ""},
+        {"mode": "unknown"},
     ],
 )
 def test_damaged_steering_records_are_refused(record):
@@ -77,13 +81,21 @@ def test_every_mode_round_trips_at_another_batch(tiny_model, numerics, steer):
     """With context-window restarts (the prompt survives them) and a decoder batch unlike the encoder's."""
     data = TEXT[:3000]
     compressor = Compressor(
-        tiny_model, chunk_size=1024, batch=3, threads=1, numerics=numerics, steer=steer, context=64, overlap=16
+        tiny_model,
+        chunk_size=1024,
+        batch=3,
+        threads=1,
+        numerics=numerics,
+        steer=steer,
+        steer_epochs=5,
+        context=64,
+        overlap=16,
     )
     sink = io.BytesIO()
     stats = compressor.compress_stream(io.BytesIO(data), sink)
     assert stats.llm_input_bytes > 2000
     record = split_header(sink.getvalue())[0]["steering"]
-    assert (record or {"mode": "none"})["mode"] == steer.split(":")[0]
+    assert (record or {"mode": "none"})["mode"] == {"learn": "learned"}.get(steer.split(":")[0], steer.split(":")[0])
     assert Decompressor(tiny_model, batch=2).decompress(sink.getvalue()) == data
 
 
@@ -94,6 +106,18 @@ def test_virtual_tokens_steer_other_architectures(tiny_models, arch):
     data = TEXT[:2000]
     archive = Compressor(model, chunk_size=1024, batch=2, threads=1, steer="random:5").compress(data)
     assert Decompressor(model, batch=1).decompress(archive) == data
+
+
+def test_learned_prompt_is_what_the_decoder_rebuilds(tiny_model):
+    """The encoder codes with the vector decoded back from the header, so both sides hold the same numbers."""
+    from llmpipe.steering.prompt import prompt_from_record
+
+    compressor = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1, steer="learn:3", steer_epochs=5)
+    archive = compressor.compress(TEXT[:2000])
+    record = split_header(archive)[0]["steering"]
+    rebuilt = prompt_from_record(record, tiny_model.config.hidden_size, tiny_model.config.vocab_size)
+    assert rebuilt.vectors.tobytes() == compressor.prompt.vectors.tobytes() and rebuilt.vectors.shape[0] == 3
+    assert Decompressor(tiny_model, batch=1).decompress(archive) == TEXT[:2000]
 
 
 def test_a_changed_prompt_fails_the_checksum_not_silently(tiny_model):
@@ -114,5 +138,5 @@ def test_cli_steer_and_listing(tiny_model_dir, tmp_path):
     listed = run(["-l", "-v", str(tmp_path / "a.llmp")]).stdout.decode()
     assert re.search(r"steering text 'Alice' \(\d+ tokens\) \(\d+ bytes\)", listed), listed
     assert run(["-d", *model], done.stdout).stdout == TEXT[:2000]
-    refused = run(["-c", *model, "--steer", "learn:4"], TEXT[:100])
+    refused = run(["-c", *model, "--steer", "learn:0"], TEXT[:100])
     assert refused.returncode == 1 and refused.stderr.count(b"\n") == 1 and b"--steer" in refused.stderr
