@@ -190,7 +190,7 @@ def step_code(directory: str, numerics: str, dtype: str, load_in_8bit: bool, bat
     started = time.perf_counter()
     archive = compressor.compress(data)
     seconds = time.perf_counter() - started
-    total = next(line for line in plan_lines if line.strip().startswith("total on"))
+    total = next(line for line in plan_lines if line.removeprefix("plan: ").strip().startswith("total on"))
     return {
         "plan_bytes": int(float(total.split()[-2]) * 2**30),
         "archive_bytes": len(archive),

@@ -458,7 +458,7 @@ def _compress_work(args: argparse.Namespace):
         steer=args.steer,
         steer_epochs=args.steer_epochs,
         steer_seconds=args.steer_seconds,
-        log=(lambda line: print(f"llmpipe: plan: {line}", file=sys.stderr)) if args.verbose else None,
+        log=(lambda line: print(f"llmpipe: {line}", file=sys.stderr)) if args.verbose else None,
     )
 
     def work(src: BinaryIO, dst: BinaryIO, out: _PartFile | None, progress: _Progress) -> object:

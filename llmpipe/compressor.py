@@ -231,7 +231,7 @@ class Compressor:
             batch = default_batch(plan_of(batch=DEFAULT_BATCH, **settings), chunk_size)
         plan = plan_of(batch=batch, **settings)
         for line in plan.render() if log else ():
-            log(line)
+            log(f"plan: {line}")
         if not plan.fits():
             raise UsageError(f"{self.model.name} with --batch {batch}: {plan.verdict()}")
         self.chunk_size = chunk_size
