@@ -150,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
         default="none",
         metavar="MODE",
         help="a prompt before every chunk, stored in the header: none (default), text:STRING, random:N[:SEED], "
-        "learn:N (N virtual tokens trained on the input's first window, coded with a Gaussian prior)",
+        "learn:N (N virtual tokens trained on the input's first window, coded with a Gaussian prior), auto "
+        "(learn one token when the first window is big enough and the held-out saving exceeds its cost)",
     )
     p.add_argument("--steer-epochs", type=int, default=100, metavar="N", help="training steps of learn:N (100)")
     p.add_argument(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +163,10 @@ def default_batch(plan: MemoryPlan, chunk_size: int) -> int:
 
 SAMPLE_ROWS = 8
 SAMPLE_TOKENS = 256
+AUTO_TOKENS = 1
+"""``--steer auto`` tries one virtual token: the cheapest vector (C values)."""
+AUTO_MIN_BYTES = 65536
+"""Below this first window ``auto`` does not train: a vector of one token costs a few hundred bytes."""
 
 
 def sample_rows(window: bytes, tokenizer) -> list[list[int]]:
@@ -238,7 +243,8 @@ class Compressor:
         self.batch = batch
         self.mixing = mixing
         self.threads = threads
-        self._learn = learn_tokens(steer)
+        self._auto = steer == "auto"
+        self._learn = AUTO_TOKENS if self._auto else learn_tokens(steer)
         self._learn_budget = (steer_epochs, steer_seconds)
         self._log = log
         self.prompt = None if self._learn else parse_steer(steer, self.model)
@@ -264,18 +270,32 @@ class Compressor:
         """Before the header is written: learn the stream's prompt on ``sample`` (``learn:N`` only)."""
         if not self._learn or not sample:
             return
-        rows = sample_rows(sample, self.model.tokenizer)
-        if not rows:  # too little text to learn from: no prompt
+        log = self._log or (lambda line: None)
+        if self._auto and len(sample) < AUTO_MIN_BYTES:
+            log(f"steering: auto: none (first window under {AUTO_MIN_BYTES} bytes, where no vector has paid)")
             return
+        rows = sample_rows(sample, self.model.tokenizer)
+        if len(rows) < 2:  # too little text to learn from: no prompt
+            return
+        train, held_out = (rows[0::2], rows[1::2]) if self._auto else (rows, None)
         epochs, seconds = self._learn_budget
-        vector = learn_vector(self.model, rows, self._learn, epochs=epochs, seconds=seconds, log=self._log)
-        self._set_prompt(learned_prompt(vector.q, self._learn, vector.step))
-        if self._log:
-            coded = len(base64.b64decode(self.prompt.record()["data"]))
-            self._log(
-                f"steering: learned {self._learn} tokens in {vector.epochs} epochs: sample "
-                f"{vector.sample_bits_before:.0f} -> {vector.sample_bits_after:.0f} bits, vector {8 * coded} bits"
-            )
+        vector = learn_vector(
+            self.model, train, self._learn, held_out=held_out, epochs=epochs, seconds=seconds, log=self._log
+        )
+        prompt = learned_prompt(vector.q, self._learn, vector.step)
+        coded = len(base64.b64decode(prompt.record()["data"]))
+        log(
+            f"steering: learned {self._learn} tokens in {vector.epochs} epochs: sample "
+            f"{vector.sample_bits_before:.0f} -> {vector.sample_bits_after:.0f} bits, vector {8 * coded} bits"
+        )
+        if self._auto and held_out:
+            spelled = sum(len(self.model.tokenizer.spellings[x]) for row in held_out for x in row[1:])
+            saving = (vector.held_out_bits_before - vector.held_out_bits_after) / max(1, spelled) * len(sample)
+            cost = 8 * len(json.dumps(prompt.record()))  # the record in the header, before zstd
+            log(f"steering: auto: held-out saving {saving:.0f} bits over the window, vector {cost} bits")
+            if saving <= cost:
+                return
+        self._set_prompt(prompt)
 
     def _set_prompt(self, prompt: SteeringPrompt | None) -> None:
         self.prompt = prompt

@@ -88,7 +88,7 @@ def parse_steer(spec: str, model: LoadedModel) -> SteeringPrompt | None:
             scale = float(2.0 ** round(math.log2(float(embed.square().mean().sqrt()))))
             return random_prompt(int(count), int(seed or 0), scale, model.config.hidden_size)
     raise UsageError(
-        f"--steer {spec!r}: expected none, text:STRING, random:N[:SEED] or learn:N (N up to {MAX_PROMPT_TOKENS})"
+        f"--steer {spec!r}: expected none, text:STRING, random:N[:SEED], learn:N (N up to {MAX_PROMPT_TOKENS}) or auto"
     )
 
 

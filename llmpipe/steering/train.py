@@ -26,14 +26,37 @@ from llmpipe.steering.hyperprior import SCALE_UNITS, limit_of, scale_for
 
 @dataclass
 class LearnedVector:
-    """Integers ``q`` (P x C, row-major) of a prompt ``step * q``, and what training measured."""
+    """Integers ``q`` (P x C, row-major) of a prompt ``step * q``, and what training measured (bits)."""
 
     q: list[int]
     tokens: int
     step: float
-    sample_bits_before: float  # the sample's code length with no prompt
+    sample_bits_before: float  # the training rows' code length with no prompt
     sample_bits_after: float  # ... with the quantised learned prompt
     epochs: int
+    held_out_bits_before: float | None = None  # the held-out rows', when given
+    held_out_bits_after: float | None = None
+
+
+class SampleBits:
+    """The code length in bits of rows of model inputs (each after the prime token) under the float model,
+    with a prompt of embedding rows in front, or none; differentiable in the prompt."""
+
+    def __init__(self, network: Transformer, rows: list[list[int]]) -> None:
+        self.network = network
+        self.width = max(len(r) for r in rows)
+        self.inputs = torch.tensor([r + [r[-1]] * (self.width - len(r)) for r in rows])  # (B, T)
+        # (B, T - 1): which predicted targets are real (rows shorter than the widest are padded)
+        self.mask = torch.tensor([[1.0] * (len(r) - 1) + [0.0] * (self.width - len(r)) for r in rows])
+
+    def __call__(self, prompt: torch.Tensor | None) -> torch.Tensor:
+        x = self.network.embed[self.inputs]  # (B, T, C)
+        if prompt is not None:
+            x = torch.cat([prompt[None].expand(len(x), -1, -1), x], dim=1)
+        logits = self.network.logits_of_embeddings(x)[:, -self.width : -1]  # predictions of inputs 1..T-1
+        targets = self.inputs[:, 1:].reshape(-1)
+        nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
+        return (nats * self.mask.reshape(-1)).sum() / math.log(2)
 
 
 def learn_vector(
@@ -41,21 +64,21 @@ def learn_vector(
     rows: list[list[int]],
     tokens: int,
     *,
+    held_out: list[list[int]] | None = None,
     epochs: int = 100,
     seconds: float = 600.0,
     learning_rate: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> LearnedVector:
-    """Train ``tokens`` virtual tokens on ``rows`` (model inputs, each starting with the prime token)."""
+    """Train ``tokens`` virtual tokens on ``rows`` (model inputs, each starting with the prime token), and
+    measure the quantised result on ``held_out`` rows too when given."""
     torch.manual_seed(0)
     network = Transformer(model.config, model.weights, torch.float32)
     embed = network.embed
     rms = float(embed.double().square().mean().sqrt())
     step = 2.0 ** round(math.log2(rms / 8))  # a power of two: step * q is exact in float32
-    width = max(len(r) for r in rows)
-    inputs = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])  # (B, T)
-    mask = torch.tensor([[1.0] * (len(r) - 1) + [0.0] * (width - len(r)) for r in rows])  # (B, T - 1): real targets
-    init = embed[inputs[:, 1 : 1 + tokens].reshape(-1)[:tokens]]  # the sample's first tokens: a text prompt
+    sample_bits = SampleBits(network, rows)
+    init = embed[sample_bits.inputs[:, 1 : 1 + tokens].reshape(-1)[:tokens]]  # the sample's first tokens
     prompt = init.clone().detach().requires_grad_(True)  # (P, C)
     optimizer = torch.optim.Adam([prompt], lr=learning_rate or rms / 10)
     limit = limit_of(64 * SCALE_UNITS) * step
@@ -64,14 +87,6 @@ def learn_vector(
         """``step * round(p / step)`` forward, identity backward (straight through)."""
         hard = torch.round(p.clamp(-limit, limit) / step) * step
         return p + (hard - p).detach()
-
-    def sample_bits(p: torch.Tensor | None) -> torch.Tensor:
-        x = embed[inputs]  # (B, T, C)
-        if p is not None:
-            x = torch.cat([p[None].expand(len(rows), -1, -1), x], dim=1)
-        logits = network.logits_of_embeddings(x)[:, -width:-1]  # predictions of inputs 1..T-1
-        nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs[:, 1:].reshape(-1), reduction="none")
-        return (nats * mask.reshape(-1)).sum() / math.log(2)
 
     with torch.no_grad():
         before = float(sample_bits(None))
@@ -83,12 +98,16 @@ def learn_vector(
         loss.backward()
         optimizer.step()
         if log and (done % 10 == 0 or done == epochs):
-            log(f"steering: epoch {done}/{epochs}, sample {float(loss):.0f} bits (no prompt: {before:.0f})")
+            log(f"steering: epoch {done}/{epochs}, sample {float(loss.detach()):.0f} bits (no prompt: {before:.0f})")
         if time.perf_counter() - started > seconds:
             break
     with torch.no_grad():
         q = torch.round(prompt.clamp(-limit, limit) / step).to(torch.int64)
         bound = limit_of(scale_for(q.reshape(-1).tolist()))
         q = q.clamp(-bound, bound)  # within the prior's range
-        after = float(sample_bits(q.to(torch.float32) * step))
-    return LearnedVector(q.reshape(-1).tolist(), tokens, step, before, after, done)
+        final = q.to(torch.float32) * step
+        vector = LearnedVector(q.reshape(-1).tolist(), tokens, step, before, float(sample_bits(final)), done)
+        if held_out:
+            held = SampleBits(network, held_out)
+            vector.held_out_bits_before, vector.held_out_bits_after = float(held(None)), float(held(final))
+    return vector

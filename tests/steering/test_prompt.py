@@ -29,7 +29,7 @@ def test_random_prompt_is_pinned():
     assert prompt_from_record(prompt.record(), 64, 100).vectors.tobytes() == prompt.vectors.tobytes()
 
 
-@pytest.mark.parametrize("spec", ["", "text:", "random:0", "random:x", "random:257", "learn", "none:1", "auto"])
+@pytest.mark.parametrize("spec", ["", "text:", "random:0", "random:x", "random:257", "learn", "none:1"])
 def test_bad_steer_values_are_refused(tiny_model, spec):
     with pytest.raises(UsageError, match="--steer"):
         parse_steer(spec, tiny_model)
@@ -118,6 +118,34 @@ def test_learned_prompt_is_what_the_decoder_rebuilds(tiny_model):
     rebuilt = prompt_from_record(record, tiny_model.config.hidden_size, tiny_model.config.vocab_size)
     assert rebuilt.vectors.tobytes() == compressor.prompt.vectors.tobytes() and rebuilt.vectors.shape[0] == 3
     assert Decompressor(tiny_model, batch=1).decompress(archive) == TEXT[:2000]
+
+
+def test_auto_costs_nothing_on_small_inputs(tiny_model):
+    """Under a 64 KB first window ``auto`` does not train, and the archive is exactly the ``none`` one."""
+    data = TEXT[:5000]
+    plain = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1).compress(data)
+    lines: list[str] = []
+    auto = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1, steer="auto", log=lines.append)
+    assert auto.compress(data) == plain
+    assert any(line.startswith("steering: auto: none") for line in lines)
+
+
+def test_auto_measures_on_held_out_rows_and_decides(tiny_model, monkeypatch):
+    """Over the threshold ``auto`` learns one token on half the sample rows, measures the other half, keeps
+    the vector only when the saving it projects exceeds the vector's bytes; either way the archive decodes."""
+    from llmpipe import compressor as module
+
+    monkeypatch.setattr(module, "AUTO_MIN_BYTES", 4000)
+    data = TEXT[:8000]
+    lines: list[str] = []
+    auto = Compressor(tiny_model, chunk_size=2048, batch=4, threads=1, steer="auto", steer_epochs=5, log=lines.append)
+    archive = auto.compress(data)
+    decision = next(line for line in lines if line.startswith("steering: auto: held-out saving"))
+    saving, cost = (float(word) for word in re.findall(r"(-?\d+) bits", decision))
+    record = split_header(archive)[0]["steering"]
+    assert (record is not None) == (saving > cost)
+    assert record is None or record["mode"] == "learned" and record["tokens"] == 1
+    assert Decompressor(tiny_model).decompress(archive) == data
 
 
 def test_a_changed_prompt_fails_the_checksum_not_silently(tiny_model):
