@@ -139,16 +139,18 @@ def coding_plan(
     context: ContextWindow,
     mixing: bool,
     limit: int | None,
+    prompt: int = 0,
 ) -> MemoryPlan:
     """The memory plan of compressing with these settings, as the compressor bounds a group: a row holds at
-    most ``chunk_size`` symbols, a context at most the window, the mixer one symbol per 1.5 bytes."""
+    most ``chunk_size`` symbols, a context at most the window after the ``prompt``'s positions, the mixer one
+    symbol per 1.5 bytes."""
     return plan_memory(
         config,
         numerics=numerics,
         dtype=dtype,
         load_in_8bit=load_in_8bit,
         batch=batch,
-        positions=min(context.longest_context(chunk_size), config.max_position_embeddings),
+        positions=min(prompt + context.longest_context(chunk_size), config.max_position_embeddings),
         row_symbols=int(chunk_size / MIN_BYTES_PER_SYMBOL) if mixing else 0,
         limit=limit,
         device="cpu" if device == "cpu" else "cuda",
@@ -229,8 +231,19 @@ class Compressor:
         self.model = model if isinstance(model, LoadedModel) else cache.load(model)  # maps the weights, reads none
         settings = {"numerics": numerics, "dtype": dtype, "load_in_8bit": load_in_8bit, "device": device}
         limit = memory if memory is not None else available_memory(device)
+        self._auto = steer == "auto"
+        self._learn = AUTO_TOKENS if self._auto else learn_tokens(steer)
+        self._learn_budget = (steer_epochs, steer_seconds)
+        self._log = log
+        self.prompt = None if self._learn else parse_steer(steer, self.model)
         plan_of = functools.partial(
-            coding_plan, self.model.config, chunk_size=chunk_size, context=self.context, mixing=mixing, limit=limit
+            coding_plan,
+            self.model.config,
+            chunk_size=chunk_size,
+            context=self.context,
+            prompt=self._learn or (self.prompt.length if self.prompt else 0),
+            mixing=mixing,
+            limit=limit,
         )
         if batch is None:
             batch = default_batch(plan_of(batch=DEFAULT_BATCH, **settings), chunk_size)
@@ -243,11 +256,6 @@ class Compressor:
         self.batch = batch
         self.mixing = mixing
         self.threads = threads
-        self._auto = steer == "auto"
-        self._learn = AUTO_TOKENS if self._auto else learn_tokens(steer)
-        self._learn_budget = (steer_epochs, steer_seconds)
-        self._log = log
-        self.prompt = None if self._learn else parse_steer(steer, self.model)
         engine = create_engine(numerics, self.model, threads, batch, device, dtype, load_in_8bit)
         engine.set_prompt(self.prompt)
         # a row never has more symbols than chunk_size, nor a context more than the window

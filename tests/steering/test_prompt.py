@@ -168,3 +168,14 @@ def test_cli_steer_and_listing(tiny_model_dir, tmp_path):
     assert run(["-d", *model], done.stdout).stdout == TEXT[:2000]
     refused = run(["-c", *model, "--steer", "learn:0"], TEXT[:100])
     assert refused.returncode == 1 and refused.stderr.count(b"\n") == 1 and b"--steer" in refused.stderr
+
+
+def test_the_memory_plan_counts_the_prompts_positions(tiny_model):
+    from llmpipe.codec import ContextWindow
+    from llmpipe.compressor import coding_plan
+
+    settings = {"numerics": "exact", "dtype": "float32", "load_in_8bit": False, "device": "cpu", "batch": 4}
+    common = {"chunk_size": 4096, "context": ContextWindow(64, 16), "mixing": False, "limit": None}
+    plain = coding_plan(tiny_model.config, **settings, **common)
+    steered = coding_plan(tiny_model.config, **settings, **common, prompt=10)
+    assert steered.parts["KV cache"] == plain.parts["KV cache"] * (64 + 10) // 64
