@@ -104,6 +104,8 @@ def _steering(record) -> str:
         return "none"
     if record.get("mode") == "text":
         return f"text {str(record.get('text'))[:40]!r} ({len(record.get('tokens') or [])} tokens)"
+    if record.get("mode") == "learned":
+        return f"learned ({record.get('tokens')} virtual tokens, {record.get('prior')} prior)"
     return f"{record.get('mode')} ({record.get('tokens')} virtual tokens, seed {record.get('seed')})"
 
 

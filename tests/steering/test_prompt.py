@@ -179,3 +179,13 @@ def test_the_memory_plan_counts_the_prompts_positions(tiny_model):
     plain = coding_plan(tiny_model.config, **settings, **common)
     steered = coding_plan(tiny_model.config, **settings, **common, prompt=10)
     assert steered.parts["KV cache"] == plain.parts["KV cache"] * (64 + 10) // 64
+
+
+def test_listing_names_each_mode():
+    from llmpipe.listing import _steering
+
+    assert _steering(None) == "none"
+    assert _steering({"mode": "text", "text": "Hi", "tokens": [5, 6]}) == "text 'Hi' (2 tokens)"
+    assert _steering({"mode": "random", "tokens": 4, "seed": 9, "scale": 0.5}) == "random (4 virtual tokens, seed 9)"
+    learned = {"mode": "learned", "tokens": 2, "step": 0.25, "prior": "gaussian", "prior_scale": 40, "data": ""}
+    assert _steering(learned) == "learned (2 virtual tokens, gaussian prior)"
