@@ -57,7 +57,7 @@ def build_tiny_model(
         loss.backward()
         optimizer.step()
     model.eval()
-    model.to(torch.float16)  # halves the committed file; llmpipe converts to float32 when preparing
+    model.to(torch.float16)  # halves the committed file; the model cache keeps float16 too
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     fast.save_pretrained(target)

@@ -20,7 +20,7 @@ from llmpipe.engine.memory import available_memory, check_kv_budget
 from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.linear import INT8_THRESHOLD, bitsandbytes_version
-from llmpipe.models.transformer import Transformer
+from llmpipe.models.transformer import KVCache, Transformer
 from llmpipe.steering.prompt import SteeringPrompt, prompt_rows
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,8 +77,7 @@ class FloatEngine:
         self._fingerprint = numeric_fingerprint(threads, batch, dtype, load_in_8bit, device)
         cfg = model.config
         self.max_positions = cfg.max_position_embeddings
-        width = DTYPES[dtype].itemsize
-        self.kv_bytes_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * width
+        self.kv_bytes_per_position = KVCache.bytes_per_position(cfg, DTYPES[dtype])
         self._network = Transformer(cfg, model.weights, DTYPES[dtype], device, load_in_8bit)
         self.kv_limit = available_memory(device)  # what the device has left with the weights in
 

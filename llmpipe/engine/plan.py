@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from llmpipe.engine.exact_engine import HEAD_SLICE, TOKENS_PER_PASS
 from llmpipe.engine.exact_transformer import QUERY_BLOCK, ExactKVCache
+from llmpipe.engine.float_engine import DTYPES
 from llmpipe.engine.memory import HISTORY_BYTES_PER_SYMBOL
 from llmpipe.models.config import ModelConfig
+from llmpipe.models.transformer import KVCache
 from llmpipe.tokenization import ESCAPE_SYMBOLS
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # the float engine's --dtype choices
 
 
 def _matmul_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -128,7 +128,7 @@ def plan_memory(
         tables = HEAD_SLICE * table_row
         parts["activations (estimate)"] = max(encoder + scores + tables, batch * table_row)
     else:
-        size = DTYPE_BYTES[dtype]
+        size = DTYPES[dtype].itemsize
         if load_in_8bit:
             blocks = shapes[:-1]
             head = 0 if config.tie_word_embeddings else vocab * c
@@ -137,7 +137,7 @@ def plan_memory(
             )
         else:
             parts[f"weights, {dtype}"] = size * parameter_count(config)
-        kv_row = positions * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
+        kv_row = positions * KVCache.bytes_per_position(config, DTYPES[dtype])
         step = batch * table_row
         prefill = TOKENS_PER_PASS * (max(n for n, _ in shapes[:-1]) + c * 4) * size
         attention = TOKENS_PER_PASS * config.num_attention_heads * positions * size * 2  # scores and softmax

@@ -40,6 +40,11 @@ class KVCache:
         """Forget everything after the steering prompt."""
         self.length = self.start
 
+    @staticmethod
+    def bytes_per_position(config: ModelConfig, dtype: torch.dtype) -> int:
+        """Keys and values of one position of one row, all layers."""
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
 
 class Transformer:
     """The forward pass over a canonical weight dictionary."""

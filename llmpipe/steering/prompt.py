@@ -84,8 +84,7 @@ def parse_steer(spec: str, model: LoadedModel) -> SteeringPrompt | None:
     if kind == "random":
         count, _, seed = rest.partition(":")
         if count.isdigit() and (not seed or seed.isdigit()) and 1 <= int(count) <= MAX_PROMPT_TOKENS:
-            embed = model.weights["model.embed_tokens.weight"].to(torch.float64)
-            scale = float(2.0 ** round(math.log2(float(embed.square().mean().sqrt()))))
+            scale = float(2.0 ** round(math.log2(embedding_rms(model.weights["model.embed_tokens.weight"]))))
             return random_prompt(int(count), int(seed or 0), scale, model.config.hidden_size)
     raise UsageError(
         f"--steer {spec!r}: expected none, text:STRING, random:N[:SEED], learn:N (N up to {MAX_PROMPT_TOKENS}) or auto"
@@ -100,6 +99,11 @@ def learn_tokens(spec: str) -> int | None:
     if not count.isdigit() or not 1 <= int(count) <= MAX_PROMPT_TOKENS:
         raise UsageError(f"--steer {spec!r}: learn:N takes N from 1 to {MAX_PROMPT_TOKENS}")
     return int(count)
+
+
+def embedding_rms(embed: torch.Tensor) -> float:
+    """The root mean square of a token embedding table: the scale prompts are made at."""
+    return float(embed.to(torch.float64).square().mean().sqrt())
 
 
 def random_prompt(count: int, seed: int, scale: float, hidden_size: int) -> SteeringPrompt:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.transformer import Transformer
 from llmpipe.steering.hyperprior import SCALE_UNITS, limit_of, scale_for
+from llmpipe.steering.prompt import embedding_rms
 
 
 @dataclass
@@ -75,7 +76,7 @@ def learn_vector(
     torch.manual_seed(0)
     network = Transformer(model.config, model.weights, torch.float32)
     embed = network.embed
-    rms = float(embed.double().square().mean().sqrt())
+    rms = embedding_rms(embed)
     step = 2.0 ** round(math.log2(rms / 8))  # a power of two: step * q is exact in float32
     sample_bits = SampleBits(network, rows)
     init = embed[sample_bits.inputs[:, 1 : 1 + tokens].reshape(-1)[:tokens]]  # the sample's first tokens
