@@ -29,6 +29,9 @@ from llmpipe.defaults import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONTEXT,
     DEFAULT_OVERLAP,
+    DEFAULT_STEER,
+    DEFAULT_STEER_EPOCHS,
+    DEFAULT_STEER_SECONDS,
     DEFAULT_THREADS,
     FLOAT_DTYPES,
 )
@@ -147,15 +150,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--steer",
-        default="none",
+        default=DEFAULT_STEER,
         metavar="MODE",
-        help="a prompt before every chunk, stored in the header: none (default), text:STRING, random:N[:SEED], "
-        "learn:N (N virtual tokens trained on the input's first window, coded with a Gaussian prior), auto "
-        "(learn one token when the first window is big enough and the held-out saving exceeds its cost)",
+        help="a prompt before every chunk, stored in the header: none, text:STRING, random:N[:SEED], learn:N (N "
+        "virtual tokens trained on the input's first window, coded the way that gives the smallest total), auto "
+        "(default: learn one token on a large enough first window and keep it only when its projected saving "
+        "clearly exceeds its cost; see STEERING.md)",
     )
-    p.add_argument("--steer-epochs", type=int, default=100, metavar="N", help="training steps of learn:N (100)")
     p.add_argument(
-        "--steer-seconds", type=float, default=600, metavar="S", help="time limit of learn:N's training (600)"
+        "--steer-epochs",
+        type=int,
+        default=DEFAULT_STEER_EPOCHS,
+        metavar="N",
+        help="training steps of a learned prompt (%(default)s)",
+    )
+    p.add_argument(
+        "--steer-seconds",
+        type=float,
+        default=DEFAULT_STEER_SECONDS,
+        metavar="S",
+        help="time limit of a learned prompt's training (%(default)g)",
     )
     p.add_argument(
         "--mixer",

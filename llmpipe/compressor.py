@@ -11,21 +11,29 @@ losing chunks are simply dropped.
 
 from __future__ import annotations
 
-import base64
 import functools
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import torch
 import zstandard
 
 from llmpipe import __version__, mixer
 from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
-from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_THREADS
+from llmpipe.defaults import (
+    DEFAULT_BATCH,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONTEXT,
+    DEFAULT_OVERLAP,
+    DEFAULT_STEER,
+    DEFAULT_STEER_EPOCHS,
+    DEFAULT_STEER_SECONDS,
+    DEFAULT_THREADS,
+)
 from llmpipe.engine import create_engine, usable_device
 from llmpipe.engine.memory import available_memory, check_history_budget, check_kv_budget
 from llmpipe.engine.plan import MemoryPlan, plan_memory
@@ -41,18 +49,23 @@ from llmpipe.format.container import (
     GroupTracker,
     StreamWriter,
     crc32,
+    stream_header_bytes,
 )
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.config import ModelConfig
+from llmpipe.models.transformer import Transformer
 from llmpipe.steering.prompt import (
     SteeringPrompt,
+    embedding_rms,
     learn_tokens,
     learned_prompt,
     parse_steer,
     prompt_from_record,
 )
-from llmpipe.steering.train import learn_vector
+from llmpipe.steering.quantise import candidates
+from llmpipe.steering.select import Estimate, choose, held_out_bits, rank
+from llmpipe.steering.train import LearnedVector, learn_vector
 from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 MIN_BYTES_PER_SYMBOL = 1.5
@@ -163,28 +176,43 @@ def default_batch(plan: MemoryPlan, chunk_size: int) -> int:
     return max(1, min(DEFAULT_BATCH, MAX_WINDOW // chunk_size, plan.largest_batch()))
 
 
-SAMPLE_ROWS = 8
-SAMPLE_TOKENS = 256
+TRAIN_ROWS, TRAIN_TOKENS = 8, 256
+"""A learned prompt trains on this many rows of this many tokens, spread across the first window."""
+HELD_OUT_ROWS, HELD_OUT_TOKENS = 4, 1024
+"""... and its codings are measured on rows the training did not see, as long as the default context."""
 AUTO_TOKENS = 1
 """``--steer auto`` tries one virtual token: the cheapest vector (C values)."""
 AUTO_MIN_BYTES = 65536
 """Below this first window ``auto`` does not train: a vector of one token costs a few hundred bytes."""
 
 
-def sample_rows(window: bytes, tokenizer) -> list[list[int]]:
-    """Up to :data:`SAMPLE_ROWS` rows of at most :data:`SAMPLE_TOKENS` model inputs (each after the prime
-    token), taken at even intervals across ``window``: what a learned prompt trains on."""
+def sample_rows(window: bytes, tokenizer, count: int, tokens: int, skip: int = 0) -> list[list[int]]:
+    """Up to ``count`` rows of at most ``tokens`` model inputs (each after the prime token), starting at
+    ``skip`` and even intervals across ``window``."""
     rows = []
-    stride = max(1, len(window) // SAMPLE_ROWS)
-    for a in range(0, len(window), stride):
-        piece = window[a : a + 4 * SAMPLE_TOKENS]
+    stride = max(1, len(window) // count)
+    for a in range(skip, len(window), stride):
+        piece = window[a : a + 4 * tokens]
         piece = piece[: utf8_safe_split(piece)] if a + len(piece) < len(window) else piece
-        symbols = tokenizer.encode(piece)[:SAMPLE_TOKENS]
+        symbols = tokenizer.encode(piece)[:tokens]
         if len(symbols) > 1:
             rows.append([tokenizer.prime_token] + [tokenizer.model_input(x) for x in symbols])
-    return rows[:SAMPLE_ROWS] or [
-        [tokenizer.prime_token] + [tokenizer.model_input(x) for x in tokenizer.encode(window)]
-    ]
+    return rows[:count]
+
+
+@dataclass(frozen=True)
+class SteeringChoice:
+    """What ``learn:N``/``auto`` learned on a first window, every option's projected size, and the pick."""
+
+    vector: LearnedVector
+    estimates: list[Estimate]
+    chosen: Estimate
+
+
+def held_out_rows(window: bytes, tokenizer) -> list[list[int]]:
+    """The rows a learned prompt's codings are measured on: between the training rows, which start at
+    multiples of ``len(window) / TRAIN_ROWS``."""
+    return sample_rows(window, tokenizer, HELD_OUT_ROWS, HELD_OUT_TOKENS, len(window) // (2 * TRAIN_ROWS))
 
 
 class Compressor:
@@ -206,9 +234,9 @@ class Compressor:
         load_in_8bit: bool = False,
         memory: int | None = None,
         log: Callable[[str], None] | None = None,
-        steer: str = "none",
-        steer_epochs: int = 100,
-        steer_seconds: float = 600.0,
+        steer: str = DEFAULT_STEER,
+        steer_epochs: int = DEFAULT_STEER_EPOCHS,
+        steer_seconds: float = DEFAULT_STEER_SECONDS,
     ) -> None:
         """``batch`` None: :data:`DEFAULT_BATCH` rows, or as many as the memory plan fits in ``memory``
         (bytes; default: what ``device`` has available). An explicit batch that does not fit is refused
@@ -272,40 +300,62 @@ class Compressor:
     def begin_stream(self) -> None:
         """A new stream: with ``learn:N`` its prompt is learned again, from its own first window."""
         if self._learn:
-            self._set_prompt(None)
+            self.set_prompt(None)
 
-    def steer_on(self, sample: bytes) -> None:
-        """Before the header is written: learn the stream's prompt on ``sample`` (``learn:N`` only)."""
+    def steer_on(self, sample: bytes) -> SteeringChoice | None:
+        """Before the header is written: learn the stream's prompt on ``sample`` (``learn:N`` and ``auto``),
+        code it every way ``steering.quantise`` offers, and keep the coding with the smallest projected total
+        (``auto``: or none, ``steering.select.choose``). Returns what was learned and measured, if anything."""
         if not self._learn or not sample:
-            return
+            return None
         log = self._log or (lambda line: None)
         if self._auto and len(sample) < AUTO_MIN_BYTES:
             log(f"steering: auto: none (first window under {AUTO_MIN_BYTES} bytes, where no vector has paid)")
-            return
-        rows = sample_rows(sample, self.model.tokenizer)
-        if len(rows) < 2:  # too little text to learn from: no prompt
-            return
-        train, held_out = (rows[0::2], rows[1::2]) if self._auto else (rows, None)
+            return None
+        tokenizer = self.model.tokenizer
+        train, held_out = sample_rows(sample, tokenizer, TRAIN_ROWS, TRAIN_TOKENS), held_out_rows(sample, tokenizer)
+        if not train or not held_out:  # too little text to learn from: no prompt
+            return None
+        network = Transformer(self.model.config, self.model.weights, torch.float32)
+        held_bytes = sum(len(tokenizer.spellings[x]) for row in held_out for x in row[1:])
+        projection = len(sample) / max(1, held_bytes)
+        plain_bits = held_out_bits(network, held_out, None)
+        zstd_bits = 8 * len(self._zstd.compress(sample))
+        if self._auto and plain_bits * projection >= zstd_bits:  # its rows would go to zstd blocks
+            log(f"steering: auto: none (the model codes this window no better than zstd's {zstd_bits} bits)")
+            return None
         epochs, seconds = self._learn_budget
-        vector = learn_vector(
-            self.model, train, self._learn, held_out=held_out, epochs=epochs, seconds=seconds, log=self._log
-        )
-        prompt = learned_prompt(vector.q, self._learn, vector.step)
-        coded = len(base64.b64decode(prompt.record()["data"]))
+        vector = learn_vector(network, train, self._learn, epochs=epochs, seconds=seconds, log=self._log)
         log(
-            f"steering: learned {self._learn} tokens in {vector.epochs} epochs: sample "
-            f"{vector.sample_bits_before:.0f} -> {vector.sample_bits_after:.0f} bits, vector {8 * coded} bits"
+            f"steering: learned {self._learn} tokens in {vector.epochs} epochs: training rows "
+            f"{vector.sample_bits_before:.0f} -> {vector.sample_bits_after:.0f} bits"
         )
-        if self._auto and held_out:
-            spelled = sum(len(self.model.tokenizer.spellings[x]) for row in held_out for x in row[1:])
-            saving = (vector.held_out_bits_before - vector.held_out_bits_after) / max(1, spelled) * len(sample)
-            cost = 8 * len(json.dumps(prompt.record()))  # the record in the header, before zstd
-            log(f"steering: auto: held-out saving {saving:.0f} bits over the window, vector {cost} bits")
-            if saving <= cost:
-                return
-        self._set_prompt(prompt)
+        estimates = rank(
+            network,
+            held_out,
+            candidates(vector.values, embedding_rms(network.embed)),
+            lambda coded: self.header_bits(learned_prompt(coded) if coded else None),
+            projection,
+            plain_bits,
+        )
+        for e in estimates:
+            log(
+                f"steering: {e.label}: vector {e.vector_bits} bits, held-out {e.held_out_bits:.0f} bits, "
+                f"projected total {e.total:.0f} bits"
+            )
+        chosen = choose(estimates, self._auto)
+        log(f"steering: {'auto: ' if self._auto else ''}chose {chosen.label}")
+        self.set_prompt(learned_prompt(chosen.coded) if chosen.coded else None)
+        return SteeringChoice(vector, estimates, chosen)
 
-    def _set_prompt(self, prompt: SteeringPrompt | None) -> None:
+    def header_bits(self, prompt: SteeringPrompt | None) -> int:
+        """What ``prompt`` adds to the stream header, in bits: the price it pays in every archive."""
+        header = self.header()
+        with_prompt = {**header, "steering": prompt.record() if prompt else None}
+        return 8 * (len(stream_header_bytes(with_prompt)) - len(stream_header_bytes({**header, "steering": None})))
+
+    def set_prompt(self, prompt: SteeringPrompt | None) -> None:
+        """Code the following windows with ``prompt`` (with ``learn:N``/``auto``: until the next stream)."""
         self.prompt = prompt
         self._coder.engine.set_prompt(prompt)
 
@@ -362,7 +412,7 @@ class Compressor:
             raise UsageError(f"{name}: cannot resume from it ({exc})") from None
         if self._learn:  # the partial archive's prompt was learned on this input: keep it
             config = self.model.config
-            self._set_prompt(prompt_from_record(header.get("steering"), config.hidden_size, config.vocab_size))
+            self.set_prompt(prompt_from_record(header.get("steering"), config.hidden_size, config.vocab_size))
         mine = self.header()
         differ = sorted(k for k in set(mine) | set(header) if k != "llmpipe" and mine.get(k) != header.get(k))
         if differ:

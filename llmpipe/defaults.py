@@ -11,4 +11,7 @@ DEFAULT_BATCH = 64
 DEFAULT_THREADS = 2
 DEFAULT_CONTEXT = 1024  # tokens a prediction sees at most; 0: the whole chunk
 DEFAULT_OVERLAP = 256  # tokens kept when the context window restarts
+DEFAULT_STEER = "auto"  # learn a prompt only where the projected saving clears its cost (STEERING.md)
+DEFAULT_STEER_EPOCHS = 20  # training steps of a learned prompt (STEERING.md: what 20 steps gain)
+DEFAULT_STEER_SECONDS = 600.0  # ... and their time limit
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # --dtype choices of the float engine

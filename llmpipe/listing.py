@@ -105,7 +105,12 @@ def _steering(record) -> str:
     if record.get("mode") == "text":
         return f"text {str(record.get('text'))[:40]!r} ({len(record.get('tokens') or [])} tokens)"
     if record.get("mode") == "learned":
-        return f"learned ({record.get('tokens')} virtual tokens, {record.get('prior')} prior)"
+        quantiser = record.get("quantiser", "uniform")
+        if quantiser == "lloyd":
+            quantiser = f"Lloyd-Max {len(record.get('levels') or [])} levels"
+        else:
+            quantiser = f"uniform step {record.get('step')}"
+        return f"learned ({record.get('tokens')} virtual tokens, {quantiser}, {record.get('prior')} prior)"
     return f"{record.get('mode')} ({record.get('tokens')} virtual tokens, seed {record.get('seed')})"
 
 

@@ -12,8 +12,6 @@ involved), so exact numerics stay exact with a prompt.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import math
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import torch
 
 from llmpipe.errors import ArchiveError, UsageError
 from llmpipe.models.cache import LoadedModel
-from llmpipe.steering.hyperprior import decode_values, encode_values, scale_for
+from llmpipe.steering.quantise import CodedVector, decode_coding
 
 MAX_PROMPT_TOKENS = 256
 """Longest prompt, in positions: it is paid for in every row's context."""
@@ -39,7 +37,7 @@ class SteeringPrompt:
     text: str = ""
     seed: int = 0
     scale: float = 0.0
-    coded: dict | None = None  # learned: step, prior scale and the range-coded integers
+    coded: dict | None = None  # learned: quantiser, prior and the range-coded symbols (``quantise``)
 
     @property
     def length(self) -> int:
@@ -53,20 +51,9 @@ class SteeringPrompt:
         return {"mode": "random", "tokens": self.length, "seed": self.seed, "scale": self.scale}
 
 
-def learned_prompt(q: list[int], tokens: int, step: float) -> SteeringPrompt:
-    """The prompt ``step * q`` (``tokens`` rows), coded with the Gaussian prior; the vectors are those the
-    decoder will rebuild from the record (decoded back, not the encoder's own floats)."""
-    scale_units = scale_for(q)
-    data = encode_values(q, scale_units)
-    coded = {"step": step, "prior": "gaussian", "prior_scale": scale_units, "data": base64.b64encode(data).decode()}
-    return _learned_from(tokens, len(q) // tokens, coded)
-
-
-def _learned_from(tokens: int, hidden_size: int, coded: dict) -> SteeringPrompt:
-    data = base64.b64decode(coded["data"], validate=True)
-    q = decode_values(data, tokens * hidden_size, coded["prior_scale"])
-    vectors = (np.array(q, dtype=np.float32) * np.float32(coded["step"])).reshape(tokens, hidden_size)
-    return SteeringPrompt("learned", vectors=vectors, coded=coded)
+def learned_prompt(coded: CodedVector) -> SteeringPrompt:
+    """A learned prompt as ``coded`` records it: its vectors are those the decoder rebuilds from the record."""
+    return SteeringPrompt("learned", vectors=coded.values, coded=coded.coding)
 
 
 def parse_steer(spec: str, model: LoadedModel) -> SteeringPrompt | None:
@@ -140,15 +127,11 @@ def prompt_from_record(record: dict | None, hidden_size: int, vocab_size: int) -
             raise ArchiveError("corrupt header: steering random prompt")
         return random_prompt(count, seed, scale, hidden_size)
     if mode == "learned":
-        count, step, prior, scale = (record.get(k) for k in ("tokens", "step", "prior", "prior_scale"))
-        ok = isinstance(count, int) and 1 <= count <= MAX_PROMPT_TOKENS and prior == "gaussian"
-        ok = ok and isinstance(step, float) and 0 < step < 1e6 and math.log2(step).is_integer()
-        if not ok or not isinstance(scale, int) or not isinstance(record.get("data"), str):
+        count = record.get("tokens")
+        if not isinstance(count, int) or not 1 <= count <= MAX_PROMPT_TOKENS:
             raise ArchiveError("corrupt header: steering learned prompt")
-        try:
-            return _learned_from(count, hidden_size, {k: record[k] for k in ("step", "prior", "prior_scale", "data")})
-        except (ValueError, binascii.Error):
-            raise ArchiveError("corrupt header: steering learned prompt data") from None
+        coding = {k: v for k, v in record.items() if k not in ("mode", "tokens")}
+        return SteeringPrompt("learned", vectors=decode_coding(coding, count, hidden_size), coded=coding)
     raise ArchiveError(f"unsupported steering mode {mode!r}")
 
 

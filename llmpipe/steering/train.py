@@ -1,12 +1,13 @@
 """Learning a steering prompt: a few virtual tokens trained on a sample of the input.
 
 Adam on the float32 model, gradients for the prompt only. The decoder only
-ever sees the quantised prompt (``step * q``, integers ``q`` coded with the
-Gaussian prior of ``hyperprior``), so training quantises in the forward pass
-and passes gradients straight through (the straight-through estimator), as
-learned-compression models train for their quantised latents; the loss is
-the sample's code length in bits. Whether the vector then pays for its own
-coded size is measured by the caller.
+ever sees a quantised prompt, so training quantises in the forward pass (on
+the finest grid ``quantise`` offers, ``step = rms / 8`` rounded to a power
+of two) and passes gradients straight through (the straight-through
+estimator), as learned-compression models train for their quantised latents;
+the loss is the sample's code length in bits. Which quantiser and prior then
+code the vector, and whether it pays for itself at all, is chosen by total
+size in ``select``.
 """
 
 from __future__ import annotations
@@ -16,27 +17,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmpipe.models.cache import LoadedModel
 from llmpipe.models.transformer import Transformer
-from llmpipe.steering.hyperprior import SCALE_UNITS, limit_of, scale_for
 from llmpipe.steering.prompt import embedding_rms
+from llmpipe.steering.quantise import finest_step
 
 
 @dataclass
 class LearnedVector:
-    """Integers ``q`` (P x C, row-major) of a prompt ``step * q``, and what training measured (bits)."""
+    """A trained prompt (P x C float32, on the grid of ``step``) and what training measured (bits)."""
 
-    q: list[int]
-    tokens: int
+    values: np.ndarray
     step: float
     sample_bits_before: float  # the training rows' code length with no prompt
-    sample_bits_after: float  # ... with the quantised learned prompt
+    sample_bits_after: float  # ... with the learned prompt
     epochs: int
-    held_out_bits_before: float | None = None  # the held-out rows', when given
-    held_out_bits_after: float | None = None
 
 
 class SampleBits:
@@ -61,33 +59,29 @@ class SampleBits:
 
 
 def learn_vector(
-    model: LoadedModel,
+    network: Transformer,
     rows: list[list[int]],
     tokens: int,
     *,
-    held_out: list[list[int]] | None = None,
     epochs: int = 100,
     seconds: float = 600.0,
     learning_rate: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> LearnedVector:
-    """Train ``tokens`` virtual tokens on ``rows`` (model inputs, each starting with the prime token), and
-    measure the quantised result on ``held_out`` rows too when given."""
+    """Train ``tokens`` virtual tokens of the float32 ``network`` on ``rows`` (model inputs, each starting
+    with the prime token), starting from the embeddings of the sample's first tokens."""
     torch.manual_seed(0)
-    network = Transformer(model.config, model.weights, torch.float32)
     embed = network.embed
     rms = embedding_rms(embed)
-    step = 2.0 ** round(math.log2(rms / 8))  # a power of two: step * q is exact in float32
+    step = finest_step(rms)
     sample_bits = SampleBits(network, rows)
     init = embed[sample_bits.inputs[:, 1 : 1 + tokens].reshape(-1)[:tokens]]  # the sample's first tokens
     prompt = init.clone().detach().requires_grad_(True)  # (P, C)
     optimizer = torch.optim.Adam([prompt], lr=learning_rate or rms / 10)
-    limit = limit_of(64 * SCALE_UNITS) * step
 
     def quantised(p: torch.Tensor) -> torch.Tensor:
         """``step * round(p / step)`` forward, identity backward (straight through)."""
-        hard = torch.round(p.clamp(-limit, limit) / step) * step
-        return p + (hard - p).detach()
+        return p + (torch.round(p / step) * step - p).detach()
 
     with torch.no_grad():
         before = float(sample_bits(None))
@@ -103,12 +97,5 @@ def learn_vector(
         if time.perf_counter() - started > seconds:
             break
     with torch.no_grad():
-        q = torch.round(prompt.clamp(-limit, limit) / step).to(torch.int64)
-        bound = limit_of(scale_for(q.reshape(-1).tolist()))
-        q = q.clamp(-bound, bound)  # within the prior's range
-        final = q.to(torch.float32) * step
-        vector = LearnedVector(q.reshape(-1).tolist(), tokens, step, before, float(sample_bits(final)), done)
-        if held_out:
-            held = SampleBits(network, held_out)
-            vector.held_out_bits_before, vector.held_out_bits_after = float(held(None)), float(held(final))
-    return vector
+        final = quantised(prompt)
+        return LearnedVector(final.numpy().astype(np.float32), step, before, float(sample_bits(final)), done)

@@ -120,32 +120,79 @@ def test_learned_prompt_is_what_the_decoder_rebuilds(tiny_model):
     assert Decompressor(tiny_model, batch=1).decompress(archive) == TEXT[:2000]
 
 
+@pytest.mark.parametrize("numerics", ["exact", "float"])
+@pytest.mark.parametrize("coding", ["uniform, gaussian", "uniform, empirical", "lloyd, empirical"])
+def test_every_quantiser_and_prior_round_trips_at_another_batch(tiny_model, monkeypatch, numerics, coding):
+    """``learn:N`` with each coding forced: the decoder rebuilds the vector from the header and decodes at
+    another batch size, with either engine."""
+    from llmpipe import compressor as module
+
+    quantiser, prior = coding.split(", ")
+    picked = []
+
+    def pick(estimates, auto):
+        found = [e for e in estimates if e.coded and e.coded.coding["quantiser"] == quantiser]
+        picked.append(next(e for e in found if e.coded.coding["prior"] == prior))
+        return picked[-1]
+
+    monkeypatch.setattr(module, "choose", pick)
+    data = TEXT[:3000]
+    compressor = Compressor(
+        tiny_model, chunk_size=512, batch=3, threads=1, numerics=numerics, steer="learn:2", steer_epochs=3
+    )
+    archive = compressor.compress(data)
+    record = split_header(archive)[0]["steering"]
+    assert record == {"mode": "learned", "tokens": 2, **picked[0].coded.coding}
+    assert Decompressor(tiny_model, batch=2).decompress(archive) == data
+
+
 def test_auto_costs_nothing_on_small_inputs(tiny_model):
     """Under a 64 KB first window ``auto`` does not train, and the archive is exactly the ``none`` one."""
     data = TEXT[:5000]
-    plain = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1).compress(data)
+    plain = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1, steer="none").compress(data)
     lines: list[str] = []
     auto = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1, steer="auto", log=lines.append)
     assert auto.compress(data) == plain
     assert any(line.startswith("steering: auto: none") for line in lines)
 
 
-def test_auto_measures_on_held_out_rows_and_decides(tiny_model, monkeypatch):
-    """Over the threshold ``auto`` learns one token on half the sample rows, measures the other half, keeps
-    the vector only when the saving it projects exceeds the vector's bytes; either way the archive decodes."""
+@pytest.mark.parametrize("margin", [0.0, 1e9])
+def test_auto_measures_on_held_out_rows_and_decides(tiny_model, monkeypatch, margin):
+    """Over the threshold ``auto`` learns one token, ranks every coding and none by projected total, and
+    keeps the best vector only when its saving clears the margin; either way the archive decodes."""
     from llmpipe import compressor as module
+    from llmpipe.steering import select
 
     monkeypatch.setattr(module, "AUTO_MIN_BYTES", 4000)
+    monkeypatch.setattr(select, "AUTO_MARGIN", margin)
     data = TEXT[:8000]
     lines: list[str] = []
     auto = Compressor(tiny_model, chunk_size=2048, batch=4, threads=1, steer="auto", steer_epochs=5, log=lines.append)
     archive = auto.compress(data)
-    decision = next(line for line in lines if line.startswith("steering: auto: held-out saving"))
-    saving, cost = (float(word) for word in re.findall(r"(-?\d+) bits", decision))
+    ranked = [line for line in lines if "projected total" in line]
+    assert len(ranked) == 1 + 11 and any(line.startswith("steering: none:") for line in ranked)
+    chosen = next(line for line in lines if line.startswith("steering: auto: chose"))
     record = split_header(archive)[0]["steering"]
-    assert (record is not None) == (saving > cost)
-    assert record is None or record["mode"] == "learned" and record["tokens"] == 1
+    if margin:  # no saving clears a huge margin
+        assert chosen == "steering: auto: chose none" and record is None
+    else:  # the best learned coding, as ranked
+        best = next(line for line in ranked if not line.startswith("steering: none:"))
+        assert chosen.removeprefix("steering: auto: chose ") == best.split(": ")[1]
+        assert record["mode"] == "learned" and record["tokens"] == 1
     assert Decompressor(tiny_model).decompress(archive) == data
+
+
+def test_auto_does_not_train_for_windows_zstd_codes_better(tiny_model, monkeypatch):
+    """Binary-like data goes to zstd blocks, where a vector would be paid for and never used."""
+    from llmpipe import compressor as module
+
+    monkeypatch.setattr(module, "AUTO_MIN_BYTES", 4000)
+    data = bytes(range(256)) * 40
+    lines: list[str] = []
+    auto = Compressor(tiny_model, chunk_size=2048, batch=4, threads=1, steer="auto", log=lines.append)
+    plain = Compressor(tiny_model, chunk_size=2048, batch=4, threads=1, steer="none")
+    assert auto.compress(data) == plain.compress(data)
+    assert any("no better than zstd" in line for line in lines) and not any("epoch" in line for line in lines)
 
 
 def test_a_changed_prompt_fails_the_checksum_not_silently(tiny_model):
@@ -188,4 +235,6 @@ def test_listing_names_each_mode():
     assert _steering({"mode": "text", "text": "Hi", "tokens": [5, 6]}) == "text 'Hi' (2 tokens)"
     assert _steering({"mode": "random", "tokens": 4, "seed": 9, "scale": 0.5}) == "random (4 virtual tokens, seed 9)"
     learned = {"mode": "learned", "tokens": 2, "step": 0.25, "prior": "gaussian", "prior_scale": 40, "data": ""}
-    assert _steering(learned) == "learned (2 virtual tokens, gaussian prior)"
+    assert _steering(learned) == "learned (2 virtual tokens, uniform step 0.25, gaussian prior)"
+    lloyd = {**learned, "quantiser": "lloyd", "levels": [-3, 0, 3], "prior": "empirical", "low": 0, "high": 2}
+    assert _steering(lloyd) == "learned (2 virtual tokens, Lloyd-Max 3 levels, empirical prior)"

@@ -1,0 +1,340 @@
+"""The steering report: what each ``--steer`` mode and each coding of a learned vector costs and saves.
+
+    python bench/steering.py run --name steering-enwik8-1mb --file enwik/enwik8_first_1000000 \\
+        --bytes 1000000 --epochs 20 --text "This is Wikipedia html" --measure none learned
+    python bench/steering.py report --write STEERING.md
+
+``run`` learns one virtual token on the slice exactly as ``--steer learn:1``
+does (the compressor's own ``steer_on``: training rows, held-out rows,
+every coding of ``steering.quantise`` ranked by projected total), projects
+the other modes (no prompt, a fixed text, a static random prompt) on the same
+held-out rows, and compresses the slice for real with the modes named by
+``--measure``, so the projection can be checked against archive sizes.
+Results go to ``bench/results/<name>.json``; ``report`` writes every stored
+run into STEERING.md (``make steering-report`` runs both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.bench import CORPUS, RESULTS, save  # noqa: E402
+from llmpipe.compressor import AUTO_MIN_BYTES, AUTO_TOKENS, Compressor, held_out_rows  # noqa: E402
+from llmpipe.models import cache  # noqa: E402
+from llmpipe.models.cache import LoadedModel  # noqa: E402
+from llmpipe.models.transformer import Transformer  # noqa: E402
+from llmpipe.steering.hyperprior import (  # noqa: E402
+    MAX_SCALE_UNITS,
+    SCALE_UNITS,
+    gaussian_frequencies,
+    limit_of,
+    scale_for,
+)
+from llmpipe.steering.prompt import SteeringPrompt, learned_prompt, parse_steer, prompt_rows  # noqa: E402
+from llmpipe.steering.quantise import decode_coding  # noqa: E402
+from llmpipe.steering.select import AUTO_MARGIN, choose, held_out_bits  # noqa: E402
+
+STUDY_MODES = ("none", "fixed string", "static random soft prompt", "learned")
+
+
+def run(args: argparse.Namespace) -> None:
+    data = (CORPUS / args.file).read_bytes()[: args.bytes]
+    model = cache.load(args.model)
+    learner = Compressor(model, steer=f"learn:{args.tokens}", steer_epochs=args.epochs, steer_seconds=1e9, log=print)
+    started = time.perf_counter()
+    choice = learner.steer_on(data)
+    learn_seconds = time.perf_counter() - started
+    trained = choice.vector.values
+    codings = [
+        {
+            "coding": e.label,
+            "record": e.coded.coding,
+            "vector_bits": e.vector_bits,
+            "data_bits": e.coded.bits,
+            "bits_per_value": e.coded.bits / trained.size,
+            "mse": float(np.mean((e.coded.values.astype(np.float64) - trained) ** 2)),
+            "held_out_bits": e.held_out_bits,
+            "projected_total": e.total,
+        }
+        for e in choice.estimates
+        if e.coded is not None
+    ]
+    none = next(e for e in choice.estimates if e.coded is None)
+    held_out = held_out_rows(data, model.tokenizer)
+    network = Transformer(model.config, model.weights, torch.float32)
+    projection = none.projected_text_bits / none.held_out_bits
+    prompts: dict[str, SteeringPrompt | None] = {
+        "none": None,
+        "fixed string": parse_steer(f"text:{args.text}", model),
+        "static random soft prompt": parse_steer(f"random:{args.random_tokens}", model),
+        "learned": learned_prompt(choice.chosen.coded),
+    }
+    modes = []
+    for mode, prompt in prompts.items():
+        held = (
+            none.held_out_bits
+            if prompt is None
+            else held_out_bits(network, held_out, prompt_rows(prompt, network.embed))
+        )
+        row = {
+            "mode": mode,
+            "spec": prompt.record() if prompt else None,
+            "vector_bits": learner.header_bits(prompt),
+            "held_out_bits": held,
+            "projected_text_bits": held * projection,
+        }
+        if mode in args.measure or (mode == "learned" and "learned" in args.measure):
+            row.update(_compress(model, prompt, data, learner.header_bits(prompt)))
+        modes.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "spec"}), flush=True)
+    auto = choose(choice.estimates, auto=True)
+    scale_priors = _all_scale_hyperpriors(codings, trained.shape, network.embed)
+    save(
+        args.name,
+        {
+            "kind": "steering",
+            "file": args.file,
+            "tokens": args.tokens,
+            "bytes": len(data),
+            "epochs": choice.vector.epochs,
+            "learn_seconds": learn_seconds,
+            "sample_bits_before": choice.vector.sample_bits_before,
+            "sample_bits_after": choice.vector.sample_bits_after,
+            "chosen": choice.chosen.label,
+            "auto": auto.label if len(data) >= AUTO_MIN_BYTES else "none (under the auto threshold)",
+            "auto_applies": args.tokens == AUTO_TOKENS,
+            "auto_margin": AUTO_MARGIN,
+            "auto_min_bytes": AUTO_MIN_BYTES,
+            "codings": codings,
+            "scale_hyperpriors": [p for p in scale_priors if p],
+            "modes": modes,
+        },
+    )
+
+
+def hyperpriors(args: argparse.Namespace) -> None:
+    """Add the scale-hyperprior comparison to a stored run (made before ``run`` computed it)."""
+    path = RESULTS / f"{args.name}.json"
+    stored = json.loads(path.read_text())
+    model = cache.load(args.model)
+    embed = model.weights["model.embed_tokens.weight"]
+    shape = (stored.get("tokens", 1), model.config.hidden_size)
+    stored["scale_hyperpriors"] = _all_scale_hyperpriors(stored["codings"], shape, embed)
+    path.write_text(json.dumps(stored, indent=1))
+    print(f"updated {path}")
+
+
+def _all_scale_hyperpriors(codings: list[dict], shape: tuple[int, int], embed: torch.Tensor) -> list[dict]:
+    channel_rms = embed.to(torch.float64).square().mean(0).sqrt().numpy()
+    found = [_scale_hyperpriors(c["record"], shape, channel_rms) for c in codings]
+    return [f for f in found if f]
+
+
+SCALE_GROUP = 64
+"""Channels per scale of the per-group scale hyperprior."""
+
+
+def _scale_hyperpriors(record: dict, shape: tuple[int, int], channel_rms: np.ndarray) -> dict | None:
+    """Ideal bits of a uniform coding's integers under scale hyperpriors (Balle et al.), against the one
+    Gaussian the format codes with: (a) one scale per group of 64 channels, sent as side information
+    (counted as 5 bits each); (b) one scale per channel predicted from the model's embedding table (each
+    channel's RMS across tokens, times one sent factor of 8 bits: otherwise free side information)."""
+    if record["quantiser"] != "uniform" or record["prior"] != "gaussian":
+        return None
+    q = np.round(decode_coding(record, *shape) / record["step"]).astype(np.int64)
+
+    def gaussian_bits(values: np.ndarray, scale_units: int) -> float:
+        table = np.array(gaussian_frequencies(scale_units), dtype=np.float64)
+        limit = limit_of(scale_units)
+        clamped = np.clip(values, -limit, limit) + limit
+        return float(-np.log2(table[clamped] / table.sum()).sum())
+
+    flat = q.reshape(-1)
+    single = gaussian_bits(flat, record["prior_scale"])
+    groups = q.reshape(shape[0], -1, SCALE_GROUP).transpose(1, 0, 2).reshape(-1, shape[0] * SCALE_GROUP)
+    grouped = sum(gaussian_bits(g, scale_for(g.tolist())) + 5 for g in groups)
+    relative = channel_rms / np.sqrt(np.mean(channel_rms**2))
+    relative = np.maximum(relative, 1e-3)
+    factor = round(SCALE_UNITS * float(np.sqrt(np.mean((q / relative[None, :]) ** 2))))  # per-channel Gaussian MLE
+    best = 8 + sum(
+        gaussian_bits(q[:, c], max(1, min(MAX_SCALE_UNITS, round(factor * relative[c])))) for c in range(shape[1])
+    )
+    return {"coding": _label(record), "single_gaussian": single, "per_group": grouped, "per_channel_model": best}
+
+
+def _label(record: dict) -> str:
+    return f"uniform step 2^{round(np.log2(record['step']))}"
+
+
+def _compress(model: LoadedModel, prompt: SteeringPrompt | None, data: bytes, vector_bits: int) -> dict:
+    """Compress ``data`` with ``prompt`` fixed, at the other defaults."""
+    compressor = Compressor(model, steer="none")  # a fixed prompt: no learning at the stream's start
+    compressor.set_prompt(prompt)
+    started = time.perf_counter()
+    archive = compressor.compress(data)
+    return {
+        "archive_bytes": len(archive),
+        "measured_text_bits": 8 * len(archive) - vector_bits,
+        "compress_seconds": time.perf_counter() - started,
+    }
+
+
+def report(args: argparse.Namespace) -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("steering-*.json"))]
+    lines = [
+        "# Steering",
+        "",
+        f"Generated by `python bench/steering.py report` on {datetime.date.today().isoformat()} from the runs in "
+        "`bench/results/steering-*.json` (`make steering-report` reruns them). Default model "
+        "(SmolLM2-135M-Instruct Q4_1), exact numerics, default settings (16 KB rows, 1,024-token window); "
+        "the learned prompt is `N` virtual tokens of 576 values each (`--steer learn:N`, N in each section's title).",
+        "",
+        "How the numbers are made: the prompt is trained (Adam, straight-through quantisation on the finest grid) "
+        "on 8 rows of 256 tokens spread over the slice, then every coding is measured on 4 *held-out* rows of "
+        "1,024 tokens taken between the training rows, and the held-out bits are scaled to the slice by bytes "
+        "(*projected*). *vector bits* is what the prompt adds to the archive's zstd-compressed header, measured "
+        "on the real header (record, JSON keys and base64 included). Rows marked *measured* were compressed for "
+        "real; their text bits are the archive minus the vector. A projected row's text bits are the measured "
+        "no-prompt archive's plus the held-out difference, scaled (held-out bits under the float model, without "
+        "the history mixer, differ from the archive's in absolute terms, not much in differences).",
+        "",
+    ]
+    for r in runs:
+        lines += _run_section(r)
+    if not runs:
+        lines.append("No runs stored yet.")
+    text = "\n".join(lines) + "\n"
+    if args.write:
+        Path(args.write).write_text(text)
+        print(f"wrote {args.write}")
+    else:
+        print(text)
+
+
+def _run_section(r: dict) -> list[str]:
+    m = r["machine"]
+    lines = [
+        f"## {r['file']}, first {r['bytes']:,} bytes, learn:{r.get('tokens', 1)}",
+        "",
+        f"`{r['command']}` on {r['date']}; {m['cpu']}, {m['cores']} cores. Training: {r['epochs']} epochs in "
+        f"{r['learn_seconds']:.0f} s (ranking included); training rows {r['sample_bits_before']:.0f} -> "
+        f"{r['sample_bits_after']:.0f} bits.",
+        "",
+        "| steering | vector bits | text bits | total bits | bpb | vs none | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [(row, *_text_bits(row, r["modes"][0])) for row in r["modes"]]
+    none_total = rows[0][0]["vector_bits"] + rows[0][1]
+    for row, text_bits, how in rows:
+        total = row["vector_bits"] + text_bits
+        label = row["mode"] + (f" ({r['chosen']})" if row["mode"] == "learned" else "")
+        lines.append(
+            f"| {label} | {row['vector_bits']:,} | {text_bits:,.0f} | {total:,.0f} | {total / r['bytes']:.4f} | "
+            f"{(total - none_total) / none_total:+.2%} | {how} |"
+        )
+    lines += [
+        "",
+        "Every coding of the learned vector (the quantiser sets the vector; the prior only its bits):",
+        "",
+        "| coding | vector bits | coded bits/value | MSE | held-out text bits | projected total |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in sorted(r["codings"], key=lambda c: c["projected_total"]):
+        lines.append(
+            f"| {c['coding']} | {c['vector_bits']:,} | {c['bits_per_value']:.2f} | {c['mse']:.2e} | "
+            f"{c['held_out_bits']:,.0f} | {c['projected_total']:,.0f} |"
+        )
+    if r.get("scale_hyperpriors"):
+        lines += [
+            "",
+            "Scale hyperpriors (ideal bits of the uniform codings' integers; not in the format unless they win): "
+            f"one Gaussian (what the format codes), one scale per group of {SCALE_GROUP} channels sent as side "
+            "information, one scale per channel predicted from the model's embedding table (free) times a sent "
+            "factor:",
+            "",
+            "| coding | one Gaussian | per group | per channel (model) |",
+            "|---|---|---|---|",
+        ]
+        for p in r["scale_hyperpriors"]:
+            lines.append(
+                f"| {p['coding']} | {p['single_gaussian']:,.0f} | {p['per_group']:,.0f} | "
+                f"{p['per_channel_model']:,.0f} |"
+            )
+    lines += ["", *_verdict(r), ""]
+    return lines
+
+
+def _text_bits(row: dict, none: dict) -> tuple[float, str]:
+    """A mode's text bits: measured, or projected: none's measured bits plus the held-out difference (the
+    held-out rows' absolute bits, under the float model without the history mixer, are not the archive's)."""
+    if "measured_text_bits" in row:
+        return row["measured_text_bits"], "measured"
+    if "measured_text_bits" in none:
+        return none["measured_text_bits"] + row["projected_text_bits"] - none["projected_text_bits"], "projected"
+    return row["projected_text_bits"], "projected"
+
+
+def _verdict(r: dict) -> list[str]:
+    """The projection checked against the measured archives, and what ``auto`` picks here."""
+    modes = {row["mode"]: row for row in r["modes"]}
+    out = []
+    none, learned = modes["none"], modes["learned"]
+    if "archive_bytes" in none and "archive_bytes" in learned:
+        projected = none["projected_text_bits"] - learned["projected_text_bits"]
+        measured = none["measured_text_bits"] - learned["measured_text_bits"]
+        difference = 8 * (learned["archive_bytes"] - none["archive_bytes"])
+        out.append(
+            f"Projection check: the learned prompt was projected to save {projected:,.0f} text bits and saved "
+            f"{measured:,.0f} ({measured / max(1.0, projected):.0%} of the projection); with its "
+            f"{learned['vector_bits']:,}-bit vector the archive is {difference:+,} "
+            "bits against none."
+        )
+    if not r.get("auto_applies", True):
+        return [*out, f"(`--steer auto` learns {AUTO_TOKENS} token; this run shows what more tokens would do.)"]
+    out.append(
+        f"`--steer auto` here: **{r['auto']}** (it keeps a vector when the projected saving is at least "
+        f"{r['auto_margin']:g}x the vector's bits, on first windows of at least {r['auto_min_bytes']:,} bytes)."
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--name", required=True, help="results name (steering-...)")
+    p.add_argument("--file", required=True, help="a corpus file, relative to ../shared/corpus")
+    p.add_argument("--bytes", type=int, default=1_000_000)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=1, help="N of learn:N")
+    p.add_argument("--text", default="This is Wikipedia html", help="the fixed string of text:STRING")
+    p.add_argument("--random-tokens", type=int, default=8, help="N of the static random:N prompt")
+    p.add_argument("--model", help="default: the default model (a tiny test model makes a quick dry run)")
+    p.add_argument("--measure", nargs="*", default=["none", "learned"], choices=STUDY_MODES)
+    p.set_defaults(func=run)
+    p = sub.add_parser("hyperpriors")
+    p.add_argument("--name", required=True)
+    p.add_argument("--model")
+    p.set_defaults(func=hyperpriors)
+    p = sub.add_parser("report")
+    p.add_argument("--write", help="write the report to this file (default: print it)")
+    p.set_defaults(func=report)
+    args = parser.parse_args()
+    if args.command == "run" and not (CORPUS / args.file).exists():
+        raise SystemExit(f"{CORPUS / args.file}: not found (the shared corpus is needed for the report)")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
