@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup model demo test test-fast bench lint clean
+.PHONY: setup model demo test test-fast bench steering-report lint clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,13 @@ bench: model
 	$(PY) bench/bench.py run --name enwik8-1mb --bytes 1000000 --compress-only enwik/enwik8_first_1000000
 	$(PY) bench/bench.py resumable --name enwik8-4mb --budget 3600
 	$(PY) bench/bench.py report --write BENCHMARKS.md
+
+steering-report: model
+	$(PY) bench/steering.py run --name steering-enwik8-1mb --file enwik/enwik8_first_1000000 --bytes 1000000 \
+		--epochs 20 --text "This is Wikipedia html"
+	$(PY) bench/steering.py run --name steering-news --file calgary/news --epochs 20 \
+		--text "This is a Usenet news archive"
+	$(PY) bench/steering.py report --write STEERING.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -214,6 +214,8 @@ def report(args: argparse.Namespace) -> None:
         lines += _run_section(r)
     if not runs:
         lines.append("No runs stored yet.")
+    else:
+        lines += _summary(runs)
     text = "\n".join(lines) + "\n"
     if args.write:
         Path(args.write).write_text(text)
@@ -272,6 +274,28 @@ def _run_section(r: dict) -> list[str]:
                 f"{p['per_channel_model']:,.0f} |"
             )
     lines += ["", *_verdict(r), ""]
+    return lines
+
+
+def _summary(runs: list[dict]) -> list[str]:
+    """Where a learned vector pays, from the measured runs: saving per byte, break-even size, projection."""
+    lines = ["## Where steering pays", ""]
+    for r in runs:
+        modes = {row["mode"]: row for row in r["modes"]}
+        none, learned = modes["none"], modes["learned"]
+        if "archive_bytes" not in none or "archive_bytes" not in learned:
+            continue
+        saving = none["measured_text_bits"] - learned["measured_text_bits"]
+        projected = none["projected_text_bits"] - learned["projected_text_bits"]
+        per_kb = saving / (r["bytes"] / 1024)
+        even = learned["vector_bits"] / per_kb if per_kb > 0 else float("inf")
+        lines.append(
+            f"- {r['file']} ({r['bytes']:,} bytes, learn:{r.get('tokens', 1)}, {r['epochs']} epochs): the vector "
+            f"saved {saving:,} text bits ({saving / none['measured_text_bits']:.2%}, {per_kb:.1f} bits per KB; "
+            f"projected {projected:,.0f}, measured/projected {saving / max(1.0, projected):.2f}) for "
+            f"{learned['vector_bits']:,} bits of header: net {learned['vector_bits'] - saving:+,} bits. At this "
+            f"saving per byte the vector breaks even at about {even:,.0f} KB of such text."
+        )
     return lines
 
 

@@ -147,7 +147,7 @@ def test_every_quantiser_and_prior_round_trips_at_another_batch(tiny_model, monk
 
 
 def test_auto_costs_nothing_on_small_inputs(tiny_model):
-    """Under a 64 KB first window ``auto`` does not train, and the archive is exactly the ``none`` one."""
+    """Under :data:`AUTO_MIN_BYTES` of first window ``auto`` does not train: the archive is the ``none`` one."""
     data = TEXT[:5000]
     plain = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1, steer="none").compress(data)
     lines: list[str] = []
