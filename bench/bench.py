@@ -23,6 +23,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -112,7 +113,7 @@ def save(name: str, payload: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload.update(
         machine=machine(),
-        command=" ".join(["python", Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]]),
+        command=shlex.join(["python", Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]]),
         date=datetime.date.today().isoformat(),
     )
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
