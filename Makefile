@@ -43,6 +43,8 @@ bench: model
 steering-report: model
 	$(PY) bench/steering.py run --name steering-enwik8-1mb --file enwik/enwik8_first_1000000 --bytes 1000000 \
 		--epochs 20 --text "This is Wikipedia html"
+	$(PY) bench/steering.py run --name steering-enwik8-1mb-learn4 --file enwik/enwik8_first_1000000 \
+		--bytes 1000000 --epochs 20 --tokens 4 --measure --text "This is Wikipedia html"
 	$(PY) bench/steering.py run --name steering-news --file calgary/news --epochs 20 \
 		--text "This is a Usenet news archive"
 	$(PY) bench/steering.py report --write STEERING.md

@@ -187,7 +187,8 @@ def _compress(model: LoadedModel, prompt: SteeringPrompt | None, data: bytes, ve
 
 
 def report(args: argparse.Namespace) -> None:
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("steering-*.json"))]
+    runs = [json.loads(p.read_text()) for p in RESULTS.glob("steering-*.json")]
+    runs.sort(key=lambda r: (r["file"], r.get("tokens", 1)))
     lines = [
         "# Steering",
         "",
@@ -210,6 +211,7 @@ def report(args: argparse.Namespace) -> None:
         "the header, so the question is the total.",
         "",
     ]
+    _share_measured_none(runs)
     for r in runs:
         lines += _run_section(r)
     if not runs:
@@ -222,6 +224,23 @@ def report(args: argparse.Namespace) -> None:
         print(f"wrote {args.write}")
     else:
         print(text)
+
+
+def _share_measured_none(runs: list[dict]) -> None:
+    """A run that did not compress without a prompt takes that measurement from a run on the same bytes (its
+    held-out rows, and so its projection, are the same), marked as borrowed."""
+    for r in runs:
+        none = r["modes"][0]
+        if "archive_bytes" in none:
+            continue
+        for other in runs:
+            twin = other["modes"][0]
+            same_rows = abs(twin["held_out_bits"] - none["held_out_bits"]) < 1e-6 * none["held_out_bits"]
+            if other["file"] == r["file"] and other["bytes"] == r["bytes"] and "archive_bytes" in twin and same_rows:
+                none.update(
+                    {k: twin[k] for k in ("archive_bytes", "measured_text_bits")}, borrowed_from=other["command"]
+                )
+                break
 
 
 def _run_section(r: dict) -> list[str]:
@@ -284,6 +303,13 @@ def _summary(runs: list[dict]) -> list[str]:
         modes = {row["mode"]: row for row in r["modes"]}
         none, learned = modes["none"], modes["learned"]
         if "archive_bytes" not in none or "archive_bytes" not in learned:
+            best = min(r["codings"], key=lambda c: c["projected_total"])
+            net = best["projected_total"] - none["projected_text_bits"]
+            lines.append(
+                f"- {r['file']} ({r['bytes']:,} bytes, learn:{r.get('tokens', 1)}, {r['epochs']} epochs, projected "
+                f"only): the best coding ({best['coding']}, {best['vector_bits']:,} bits) projects {net:+,.0f} "
+                "bits against none."
+            )
             continue
         saving = none["measured_text_bits"] - learned["measured_text_bits"]
         projected = none["projected_text_bits"] - learned["projected_text_bits"]
@@ -338,7 +364,7 @@ def _text_bits(row: dict, none: dict) -> tuple[float, str]:
     """A mode's text bits: measured, or projected: none's measured bits plus the held-out difference (the
     held-out rows' absolute bits, under the float model without the history mixer, are not the archive's)."""
     if "measured_text_bits" in row:
-        return row["measured_text_bits"], "measured"
+        return row["measured_text_bits"], "measured" + (" (another run, same bytes)" if "borrowed_from" in row else "")
     if "measured_text_bits" in none:
         return none["measured_text_bits"] + row["projected_text_bits"] - none["projected_text_bits"], "projected"
     return row["projected_text_bits"], "projected"

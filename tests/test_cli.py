@@ -182,7 +182,8 @@ def test_memory_plan_before_work(tiny_model_dir):
     assert advice and 1 <= int(advice.group(1)) < 64
     chosen = run(["-c", "-v", *model, "-M", "150M"], TEXT[:3000])
     assert chosen.returncode == 0 and run(["-d", "--model", str(tiny_model_dir)], chosen.stdout).stdout == TEXT[:3000]
-    assert chosen.stderr.decode().splitlines()[-2].startswith("llmpipe: plan: fits: yes")
+    chosen_plan = [line for line in chosen.stderr.decode().splitlines() if line.startswith("llmpipe: plan: ")]
+    assert chosen_plan[-1].startswith("llmpipe: plan: fits: yes")
 
 
 def test_dev_full_fails(archive):
