@@ -42,7 +42,7 @@ from llmpipe.steering.hyperprior import (  # noqa: E402
     scale_for,
 )
 from llmpipe.steering.prompt import SteeringPrompt, learned_prompt, parse_steer, prompt_rows  # noqa: E402
-from llmpipe.steering.quantise import decode_coding  # noqa: E402
+from llmpipe.steering.quantise import decode_coding, quantiser_label  # noqa: E402
 from llmpipe.steering.select import AUTO_MARGIN, held_out_bits  # noqa: E402
 
 STUDY_MODES = ("none", "fixed string", "static random soft prompt", "learned")
@@ -166,11 +166,12 @@ def _scale_hyperpriors(record: dict, shape: tuple[int, int], channel_rms: np.nda
     best = 8 + sum(
         gaussian_bits(q[:, c], max(1, min(MAX_SCALE_UNITS, round(factor * relative[c])))) for c in range(shape[1])
     )
-    return {"coding": _label(record), "single_gaussian": single, "per_group": grouped, "per_channel_model": best}
-
-
-def _label(record: dict) -> str:
-    return f"uniform step 2^{round(np.log2(record['step']))}"
+    return {
+        "coding": quantiser_label(record),
+        "single_gaussian": single,
+        "per_group": grouped,
+        "per_channel_model": best,
+    }
 
 
 def _compress(model: LoadedModel, prompt: SteeringPrompt | None, data: bytes, vector_bits: int) -> dict:
@@ -296,23 +297,36 @@ def _run_section(r: dict) -> list[str]:
     return lines
 
 
+def _best_coding(r: dict) -> dict:
+    return min(r["codings"], key=lambda c: c["projected_total"])
+
+
+def _savings(r: dict) -> tuple[dict, dict, int, float] | None:
+    """The none and learned rows and the learned prompt's measured and projected text saving, when both
+    archives were measured."""
+    modes = {row["mode"]: row for row in r["modes"]}
+    none, learned = modes["none"], modes["learned"]
+    if "archive_bytes" not in none or "archive_bytes" not in learned:
+        return None
+    measured = none["measured_text_bits"] - learned["measured_text_bits"]
+    return none, learned, measured, none["projected_text_bits"] - learned["projected_text_bits"]
+
+
 def _summary(runs: list[dict]) -> list[str]:
     """Where a learned vector pays, from the measured runs: saving per byte, break-even size, projection."""
     lines = ["## Where steering pays", ""]
     for r in runs:
-        modes = {row["mode"]: row for row in r["modes"]}
-        none, learned = modes["none"], modes["learned"]
-        if "archive_bytes" not in none or "archive_bytes" not in learned:
-            best = min(r["codings"], key=lambda c: c["projected_total"])
-            net = best["projected_total"] - none["projected_text_bits"]
+        found = _savings(r)
+        if found is None:
+            best = _best_coding(r)
+            net = best["projected_total"] - r["modes"][0]["projected_text_bits"]
             lines.append(
                 f"- {r['file']} ({r['bytes']:,} bytes, learn:{r.get('tokens', 1)}, {r['epochs']} epochs, projected "
                 f"only): the best coding ({best['coding']}, {best['vector_bits']:,} bits) projects {net:+,.0f} "
                 "bits against none."
             )
             continue
-        saving = none["measured_text_bits"] - learned["measured_text_bits"]
-        projected = none["projected_text_bits"] - learned["projected_text_bits"]
+        none, learned, saving, projected = found
         per_kb = saving / (r["bytes"] / 1024)
         even = learned["vector_bits"] / per_kb if per_kb > 0 else float("inf")
         lines.append(
@@ -322,7 +336,7 @@ def _summary(runs: list[dict]) -> list[str]:
             f"{learned['vector_bits']:,} bits of header: net {learned['vector_bits'] - saving:+,} bits. At this "
             f"saving per byte the vector breaks even at about {even:,.0f} KB of such text."
         )
-    best = [min(r["codings"], key=lambda c: c["projected_total"])["coding"] for r in runs]
+    best = [_best_coding(r)["coding"] for r in runs]
     lines.append(f"- The coding with the smallest projected total, run by run: {'; '.join(best)}.")
     for key, name in (("per_group", "one scale per channel group"), ("per_channel_model", "per-channel scales")):
         gains = [p["single_gaussian"] - p[key] for r in runs for p in r.get("scale_hyperpriors", [])]
@@ -351,7 +365,7 @@ def _auto_choice(r: dict) -> str:
     if r["bytes"] < AUTO_MIN_BYTES:
         return "none (first window under the threshold: nothing is trained)"
     none = next(row for row in r["modes"] if row["mode"] == "none")
-    best = min(r["codings"], key=lambda c: c["projected_total"])
+    best = _best_coding(r)
     saving = none["projected_text_bits"] - (best["projected_total"] - best["vector_bits"])
     if saving < AUTO_MARGIN * best["vector_bits"]:
         return (
@@ -372,12 +386,9 @@ def _text_bits(row: dict, none: dict) -> tuple[float, str]:
 
 def _verdict(r: dict) -> list[str]:
     """The projection checked against the measured archives, and what ``auto`` picks here."""
-    modes = {row["mode"]: row for row in r["modes"]}
     out = []
-    none, learned = modes["none"], modes["learned"]
-    if "archive_bytes" in none and "archive_bytes" in learned:
-        projected = none["projected_text_bits"] - learned["projected_text_bits"]
-        measured = none["measured_text_bits"] - learned["measured_text_bits"]
+    if found := _savings(r):
+        none, learned, measured, projected = found
         difference = 8 * (learned["archive_bytes"] - none["archive_bytes"])
         out.append(
             f"Projection check: the learned prompt was projected to save {projected:,.0f} text bits and saved "

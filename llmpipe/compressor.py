@@ -321,10 +321,9 @@ class Compressor:
         held_bytes = sum(len(tokenizer.spellings[x]) for row in held_out for x in row[1:])
         projection = len(sample) / max(1, held_bytes)
         plain_bits = held_out_bits(network, held_out, None)
-        zstd_bits = 8 * len(self._zstd.compress(sample))
-        if self._auto and plain_bits * projection >= zstd_bits:  # its rows would go to zstd blocks
+        if self._auto and plain_bits * projection >= (zstd_bits := 8 * len(self._zstd.compress(sample))):
             log(f"steering: auto: none (the model codes this window no better than zstd's {zstd_bits} bits)")
-            return None
+            return None  # its rows would go to zstd blocks
         epochs, seconds = self._learn_budget
         vector = learn_vector(network, train, self._learn, epochs=epochs, seconds=seconds, log=self._log)
         log(

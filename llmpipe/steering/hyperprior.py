@@ -84,11 +84,9 @@ class _Empirical:
         if not -EMPIRICAL_LIMIT <= low <= high < EMPIRICAL_LIMIT:
             raise ValueError(f"empirical prior range [{low}, {high}] out of bounds")
         self.low = low
-        self.counts = [1] * (high - low + 1)
-        self.starts = _cumulative(self.counts)
+        self.starts = _cumulative([1] * (high - low + 1))
 
     def seen(self, symbol: int) -> None:
-        self.counts[symbol] += 1
         for i in range(symbol + 1, len(self.starts)):
             self.starts[i] += 1
 

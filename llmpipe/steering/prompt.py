@@ -13,7 +13,6 @@ involved), so exact numerics stay exact with a prompt.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from llmpipe.errors import ArchiveError, UsageError
 from llmpipe.models.cache import LoadedModel
-from llmpipe.steering.quantise import CodedVector, decode_coding
+from llmpipe.steering.quantise import CodedVector, decode_coding, power_of_two_step
 
 MAX_PROMPT_TOKENS = 256
 """Longest prompt, in positions: it is paid for in every row's context."""
@@ -71,7 +70,7 @@ def parse_steer(spec: str, model: LoadedModel) -> SteeringPrompt | None:
     if kind == "random":
         count, _, seed = rest.partition(":")
         if count.isdigit() and (not seed or seed.isdigit()) and 1 <= int(count) <= MAX_PROMPT_TOKENS:
-            scale = float(2.0 ** round(math.log2(embedding_rms(model.weights["model.embed_tokens.weight"]))))
+            scale = power_of_two_step(embedding_rms(model.weights["model.embed_tokens.weight"]), 1)
             return random_prompt(int(count), int(seed or 0), scale, model.config.hidden_size)
     raise UsageError(
         f"--steer {spec!r}: expected none, text:STRING, random:N[:SEED], learn:N (N up to {MAX_PROMPT_TOKENS}) or auto"

@@ -62,10 +62,14 @@ class CodedVector:
 
     @property
     def label(self) -> str:
-        c = self.coding
-        if c["quantiser"] == "lloyd":
-            return f"lloyd {len(c['levels'])} levels, {c['prior']}"
-        return f"uniform step 2^{round(math.log2(c['step']))}, {c['prior']}"
+        return f"{quantiser_label(self.coding)}, {self.coding['prior']}"
+
+
+def quantiser_label(coding: dict) -> str:
+    """A coding's quantiser in a few words: ``uniform step 2^-3`` or ``lloyd 4 levels``."""
+    if coding["quantiser"] == "lloyd":
+        return f"lloyd {len(coding['levels'])} levels"
+    return f"uniform step 2^{round(math.log2(coding['step']))}"
 
 
 def uniform(values: np.ndarray, step: float, prior: str) -> CodedVector:
