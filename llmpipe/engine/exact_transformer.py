@@ -14,15 +14,17 @@ The recipe (``FORMAT.md``, "Exact numerics v1", is the normative text):
   with ``W 1`` the weight's exact integer row sums;
 - RoPE from ``tables.rope_tables`` on the first ``rotary_dim`` dims of each
   head; learned positions (GPT-2) are one float32 addition;
-- keys and values int8 per token and head;
+- keys and values int8 per token and head, cached as int8;
 - attention scores: int16 queries (split in bytes) against int8 keys in float32
-  GEMMs, exact since 128 * 127 * head_dim < 2^24 for head_dim <= 1032;
+  GEMMs, exact since 128 * 127 * head_dim < 2^24 for head_dim <= 1032, the sum
+  of the two halves rounded once to float32 (in decoding steps the compiled
+  kernels of ``native`` compute the same integer in int32 and round it the same);
 - softmax: exp from a table on a 1/64 grid scaled to 2^15 (``tables.exp_table``),
   denominator an integer sum in float64 (exact below 2^53);
 - attention-weighted values: weights requantised to integers ``w_t`` with
   ``sum_t w_t <= 2^15 + T/2`` against a common value scale (the running
   maximum of the value scales), so ``sum_t |w_t v_t| <= 127 (2^15 + T/2) < 2^24``
-  for T < 198,000: a float32 GEMM is exact;
+  for T < 198,000: a float32 GEMM (or ``native``'s int32 sum) is exact;
 - SiLU and GELU from tables on a 1/256 grid (``tables.activation_table``);
   the final logits are float32 products of an exact int64 matmul result with
   two scales (and, for LayerNorm models, the folded bias).
@@ -51,6 +53,7 @@ from llmpipe.engine.integer_ops import (
     quantize_weight,
     split_bytes,
 )
+from llmpipe.engine.native import MAX_HEAD_DIM, Kernels, attention_kernels
 from llmpipe.models.config import ModelConfig
 
 NUMERICS_VERSION = 1
@@ -58,6 +61,9 @@ KV_MAX = 127
 ATTENTION_GRID = 64  # softmax exponent resolution inside attention: 1/64
 ATTENTION_ONE = 1 << 15  # attention weights are fixed point with this unit
 QUERY_BLOCK = 64  # full-sequence attention handles this many query positions at a time (memory only)
+NATIVE_MAX_QUERIES = 16
+"""Passes of at most this many positions per row use the compiled kernels (reading int8 is what they
+save); longer ones, compute-bound, run the float32 GEMMs."""
 
 
 class ExactWeight:
@@ -151,12 +157,12 @@ def prepare_exact_weights(config: ModelConfig, weights: Mapping[str, torch.Tenso
 
 
 class ExactKVCache:
-    """int8-valued keys and values (held in float32 for the GEMMs) with per-token scales."""
+    """int8 keys and values with per-token float32 scales (a quarter of a float32 cache to read per step)."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device) -> None:
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len)
-        self.keys = torch.zeros(*shape, config.head_dim, device=device)  # (L, B, KV, T, hd)
-        self.values = torch.zeros(*shape, config.head_dim, device=device)
+        self.keys = torch.zeros(*shape, config.head_dim, dtype=torch.int8, device=device)  # (L, B, KV, T, hd)
+        self.values = torch.zeros(*shape, config.head_dim, dtype=torch.int8, device=device)
         self.key_scales = torch.zeros(shape, device=device)  # (L, B, KV, T)
         self.value_scales = torch.zeros(shape, device=device)
         self.length = 0
@@ -168,7 +174,7 @@ class ExactKVCache:
 
     @staticmethod
     def bytes_per_position(config: ModelConfig) -> int:
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * (config.head_dim + 1) * 4
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * (config.head_dim + 4)
 
 
 class NormedRows(NamedTuple):
@@ -217,13 +223,50 @@ def _layer_norm_quantize(x: torch.Tensor, eps: float) -> NormedRows:
     return NormedRows(q, (scale64 * inverse_std).to(torch.float32), sums.to(torch.float64) * (1.0 / c))
 
 
+class _CachedProducts:
+    """Attention's two exact products against one layer's cached int8 keys and values: by the compiled
+    kernels (``native``) when given, else as float32 GEMMs on a float32 copy of the visible cache."""
+
+    def __init__(self, cache: ExactKVCache, layer: int, rows: int, end: int, kernels: Kernels | None) -> None:
+        kv_heads, hd = cache.keys.shape[2], cache.keys.shape[4]
+        self._kernels = kernels
+        keys, values = cache.keys[layer, :rows], cache.values[layer, :rows]  # (B, KV, T, hd) int8
+        if kernels is not None:  # (B * KV, T, hd) views of the cache itself
+            self._keys, self._values = keys.flatten(0, 1), values.flatten(0, 1)
+        else:
+            self._keys = keys[:, :, :end].reshape(rows * kv_heads, end, hd).to(torch.float32)
+            self._values = values[:, :, :end].reshape(rows * kv_heads, end, hd).to(torch.float32)
+
+    def scores(self, qq: torch.Tensor, visible: int) -> torch.Tensor:
+        """Integer queries ``qq`` (N, M, hd) float32 against the first ``visible`` keys -> (N, M, visible)
+        float32: each exact integer dot product rounded once to float32."""
+        if self._kernels is not None:
+            return self._kernels.scores(qq.to(torch.int16), self._keys, visible).to(torch.float32)
+        m = qq.shape[1]
+        both = split_bytes(qq, dim=1)  # int8-valued high and low bytes: every product sum stays below 2^24
+        raw = torch.matmul(both, self._keys[:, :visible].transpose(1, 2))  # exact integers (module docstring)
+        return raw[:, :m] * 256.0 + raw[:, m:]  # one rounding: the sum
+
+    def mix(self, weights: torch.Tensor, visible: int) -> torch.Tensor:
+        """Integer attention weights (N, M, visible) float32 times the first ``visible`` values -> (N, M, hd)
+        float32, exact (bound in the module docstring)."""
+        if self._kernels is not None:
+            return self._kernels.mix(weights.to(torch.int32), self._values, visible).to(torch.float32)
+        return torch.matmul(weights, self._values[:, :visible])
+
+
 class ExactTransformer:
     """A transformer on prepared exact weights; see the module docstring for the arithmetic."""
 
     def __init__(
-        self, config: ModelConfig, exact_weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu"
+        self,
+        config: ModelConfig,
+        exact_weights: Mapping[str, torch.Tensor],
+        device: str | torch.device = "cpu",
+        native: bool = True,
     ) -> None:
-        """Takes each tensor of ``exact_weights`` (possibly read lazily from a file) to ``device`` in turn."""
+        """Takes each tensor of ``exact_weights`` (possibly read lazily from a file) to ``device`` in turn.
+        ``native=False`` keeps to torch even where the compiled kernels are available (same results)."""
         self.config = config
         self.device = torch.device(device)
         if self.device.type == "cuda":  # TF32 would round the float32 GEMMs' integer inputs
@@ -254,6 +297,7 @@ class ExactTransformer:
         self.activation_limit = (len(activation) - 1) // 2
         # IEEE sqrt and division are correctly rounded: the same float everywhere; times the grid (a power of two)
         self.score_factor = torch.tensor(ATTENTION_GRID / math.sqrt(config.head_dim), device=self.device)
+        self.kernels = attention_kernels(self.device) if native and config.head_dim <= MAX_HEAD_DIM else None
         self._prompt: ExactKVCache | None = None
 
     def set_prompt(self, rows: torch.Tensor | None) -> None:
@@ -306,12 +350,11 @@ class ExactTransformer:
         end = start + t
         kq, ks = quantize_rows(k, KV_MAX)  # per token and head
         vq, vs = quantize_rows(v, KV_MAX)
-        cache.keys[layer, :b, :, start:end] = kq.transpose(1, 2)
+        cache.keys[layer, :b, :, start:end] = kq.transpose(1, 2)  # integers in [-127, 127]: exact as int8
         cache.values[layer, :b, :, start:end] = vq.transpose(1, 2)
         cache.key_scales[layer, :b, :, start:end] = ks[..., 0].transpose(1, 2)
         cache.value_scales[layer, :b, :, start:end] = vs[..., 0].transpose(1, 2)
-        keys = cache.keys[layer, :b, :, :end]  # (B, KV, S, hd)
-        values = cache.values[layer, :b, :, :end]
+        products = _CachedProducts(cache, layer, b, end, self.kernels if t <= NATIVE_MAX_QUERIES else None)
         key_scales = cache.key_scales[layer, :b, :, None, :end]  # (B, KV, 1, S)
         value_scales = cache.value_scales[layer, :b, :, :end]  # (B, KV, S)
         running_max = value_scales.cummax(dim=-1).values  # common value scale per query position
@@ -323,10 +366,7 @@ class ExactTransformer:
         for a in range(0, t, QUERY_BLOCK):  # query blocks only bound memory; each position is independent
             n = min(QUERY_BLOCK, t - a)
             visible = start + a + n  # keys a query in this block may see, at most
-            both = split_bytes(qq[:, :, :, a : a + n].reshape(b * kv_heads, group * n, hd), dim=1)
-            keys_t = keys[:, :, :visible].reshape(b * kv_heads, visible, hd).transpose(1, 2)
-            raw = torch.matmul(both, keys_t)  # exact integers (bound in module docstring)
-            dots = raw[:, : group * n] * 256.0 + raw[:, group * n :]  # one rounding: the sum
+            dots = products.scores(qq[:, :, :, a : a + n].reshape(b * kv_heads, group * n, hd), visible)
             dots = dots.view(b, kv_heads, group, n, visible)
             # scores in units of 1/ATTENTION_GRID (a power of two, folded into the query scale: exact)
             scores = dots * qs[:, :, :, a : a + n] * key_scales[..., :visible].unsqueeze(2)
@@ -341,9 +381,7 @@ class ExactTransformer:
             common = running_max[:, :, None, start + a : start + a + n, None]  # (B, KV, 1, n, 1)
             factor = torch.full_like(denominator, float(ATTENTION_ONE)) / (denominator * common.to(torch.float64))
             weights = torch.round_(e.mul_(value_scales[:, :, None, None, :visible]).mul_(factor.to(torch.float32)))
-            mixed = torch.matmul(
-                weights.view(b * kv_heads, group * n, visible), values[:, :, :visible].reshape(-1, visible, hd)
-            )  # exact integers
+            mixed = products.mix(weights.view(b * kv_heads, group * n, visible), visible)  # exact integers
             unit = common * (1.0 / ATTENTION_ONE)  # a power of two: exact
             out[:, :, :, a : a + n] = mixed.view(b, kv_heads, group, n, hd) * unit
         return out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)

@@ -66,7 +66,7 @@ def test_plan_command_needs_no_weights():
     done = run(["models", "--plan", "openlm-research/open_llama_7b", "-M", "16GB", "--device", "cuda", "-b", "64"])
     assert done.returncode == 1, done.stderr
     last = done.stdout.decode().strip().splitlines()[-1]
-    assert last.startswith("fits: NO") and "--batch 8 fits" in last
+    assert last.startswith("fits: NO") and "--batch 34 fits" in last
     done = run(["models", "--plan", "EleutherAI/pythia-70m", "-b", "8"])
     assert done.returncode == 0 and b"gpt_neox, 70M parameters" in done.stdout
     done = run(["models", "--plan", "no/such-model"])
@@ -78,7 +78,7 @@ def test_plan_command_needs_no_weights():
     [
         (["--numerics", "float", "--dtype", "float16", "--load-in-8bit"], 18),  # the default batch fits
         (["--numerics", "float", "--dtype", "float16"], 6),  # float16 weights leave room for 6 rows
-        ([], 8),  # exact: int8 weights, int8-valued keys and values held in float32
+        ([], 34),  # exact: int8 weights, int8 keys and values
     ],
 )
 def test_open_llama_7b_on_a_16_gb_gpu(options, batch):

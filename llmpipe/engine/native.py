@@ -1,0 +1,151 @@
+"""The compiled integer attention kernels (``attention_kernels.c``): built once per machine, optional.
+
+A decoding step reads every cached key and value of every row; with the
+cache held as int8 instead of float32 that is a quarter of the memory
+traffic, but torch has no batched int8 product on the CPU. The C kernels do
+the two products of attention in exact integer arithmetic, so they return
+the same integers as the float32 GEMMs they replace (``exact_transformer``),
+and archives do not depend on whether they are used.
+
+They are compiled with the system C compiler (``$CC``, else ``cc``) into
+``<llmpipe cache>/kernels/`` on first use, keyed by the source, the compiler
+and the CPU's features, and checked against torch on a known answer before
+use. Without a compiler, on a failed build or check, on GPUs, or with
+``LLMPIPE_NATIVE=0``, the engine runs the torch path instead: slower on the
+CPU, same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from llmpipe.models.cache import cache_dir
+
+SOURCE = Path(__file__).with_name("attention_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+MAX_HEAD_DIM = 512
+"""The kernels' scratch size (``attention_kernels.c``); models with larger heads use the torch path."""
+_INT64 = ctypes.c_int64
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (``-march=native`` code must not run on a CPU without them)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path | None:
+    """The compiled library's path, compiling it if needed; None when it cannot be built."""
+    compiler = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_features()]).encode())
+    target = cache_dir() / "kernels" / f"attention-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            partial = Path(scratch) / target.name
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, check=True)
+            partial.replace(target)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return target
+
+
+def _known_answer_ok(library: ctypes.CDLL) -> bool:
+    """Do the kernels give int64 arithmetic's answer on random and extreme values?"""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(-32639, 32640, (6, 3, 64), generator=generator, dtype=torch.int16)
+    q[0] = 32639
+    keys = torch.randint(-127, 128, (6, 40, 64), generator=generator, dtype=torch.int8)
+    keys[0] = 127
+    weights = torch.randint(0, 2**15, (6, 3, 33), generator=generator, dtype=torch.int32)
+    kernels = Kernels(library)
+    scores = kernels.scores(q, keys, 33)
+    mixed = kernels.mix(weights, keys, 33)
+    wide = keys[:, :33].to(torch.int64)
+    return torch.equal(scores.to(torch.int64), q.to(torch.int64) @ wide.transpose(1, 2)) and torch.equal(
+        mixed.to(torch.int64), weights.to(torch.int64) @ wide
+    )
+
+
+class Kernels:
+    """Typed calls into the compiled library, on torch's current number of threads. Tensors are CPU
+    tensors; ``keys``/``values`` are (N, T, hd) int8 views whose last two dimensions are contiguous (rows
+    may be further apart: a slice of the cache)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._library = library
+        for name in ("attention_scores", "attention_mix"):
+            function = getattr(library, name)
+            function.restype = None
+            function.argtypes = [ctypes.c_void_p] * 3 + [_INT64] * 5 + [ctypes.c_int]
+
+    @staticmethod
+    def _rows(cached: torch.Tensor) -> tuple[int, int]:
+        n, _, hd = cached.shape
+        if cached.stride(2) != 1 or cached.stride(1) != hd:
+            raise ValueError("cached keys/values need contiguous (position, dim) planes")
+        return n, cached.stride(0)
+
+    def scores(self, q: torch.Tensor, keys: torch.Tensor, length: int) -> torch.Tensor:
+        """``q`` (N, G, hd) int16 against ``keys[:, :length]`` -> (N, G, length) int32."""
+        n, stride = self._rows(keys)
+        q = q.contiguous()
+        out = torch.empty(n, q.shape[1], length, dtype=torch.int32)
+        self._library.attention_scores(
+            q.data_ptr(), keys.data_ptr(), out.data_ptr(), n, q.shape[1], q.shape[2], length, stride, torch.get_num_threads()
+        )
+        return out
+
+    def mix(self, weights: torch.Tensor, values: torch.Tensor, length: int) -> torch.Tensor:
+        """``weights`` (N, G, length) int32 times ``values[:, :length]`` -> (N, G, hd) int32."""
+        n, stride = self._rows(values)
+        weights = weights.contiguous()
+        hd = values.shape[2]
+        out = torch.empty(n, weights.shape[1], hd, dtype=torch.int32)
+        self._library.attention_mix(
+            weights.data_ptr(), values.data_ptr(), out.data_ptr(), n, weights.shape[1], hd, length, stride, torch.get_num_threads()
+        )
+        return out
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LLMPIPE_NATIVE", "1") == "0":
+        return None
+    path = _build()
+    if path is None:
+        return None
+    try:
+        library = ctypes.CDLL(str(path))
+        return library if _known_answer_ok(library) else None
+    except (OSError, AttributeError):
+        return None
+
+
+def attention_kernels(device: torch.device) -> Kernels | None:
+    """The kernels for ``device``, or None (use the torch path)."""
+    if device.type != "cpu":
+        return None
+    library = _library()
+    return None if library is None else Kernels(library)
