@@ -112,9 +112,8 @@ class Kernels:
         n, stride = self._rows(keys)
         q = q.contiguous()
         out = torch.empty(n, q.shape[1], length, dtype=torch.int32)
-        self._library.attention_scores(
-            q.data_ptr(), keys.data_ptr(), out.data_ptr(), n, q.shape[1], q.shape[2], length, stride, torch.get_num_threads()
-        )
+        sizes = (n, q.shape[1], q.shape[2], length, stride)
+        self._library.attention_scores(q.data_ptr(), keys.data_ptr(), out.data_ptr(), *sizes, torch.get_num_threads())
         return out
 
     def mix(self, weights: torch.Tensor, values: torch.Tensor, length: int) -> torch.Tensor:
@@ -123,9 +122,9 @@ class Kernels:
         weights = weights.contiguous()
         hd = values.shape[2]
         out = torch.empty(n, weights.shape[1], hd, dtype=torch.int32)
-        self._library.attention_mix(
-            weights.data_ptr(), values.data_ptr(), out.data_ptr(), n, weights.shape[1], hd, length, stride, torch.get_num_threads()
-        )
+        sizes = (n, weights.shape[1], hd, length, stride)
+        pointers = (weights.data_ptr(), values.data_ptr(), out.data_ptr())
+        self._library.attention_mix(*pointers, *sizes, torch.get_num_threads())
         return out
 
 
