@@ -46,6 +46,8 @@ from llmpipe.steering.quantise import decode_coding, quantiser_label  # noqa: E4
 from llmpipe.steering.select import AUTO_MARGIN, held_out_bits  # noqa: E402
 
 STUDY_MODES = ("none", "fixed string", "static random soft prompt", "learned")
+AUTO_SLICE = 128 * 1024
+"""Bytes of each slice ``auto`` measures a kept vector on."""
 
 
 def run(args: argparse.Namespace) -> None:
@@ -115,6 +117,46 @@ def run(args: argparse.Namespace) -> None:
             "codings": codings,
             "scale_hyperpriors": [p for p in scale_priors if p],
             "modes": modes,
+        },
+    )
+
+
+def auto(args: argparse.Namespace) -> None:
+    """What ``--steer auto`` decides on a whole corpus file (its first window), and, when it keeps a vector,
+    that vector measured for real on 128 KiB slices (``--slices``: offsets), with and without it."""
+    data = (CORPUS / args.file).read_bytes()
+    model = cache.load(args.model)
+    learner = Compressor(model, steer="auto", log=print)
+    window = learner.window_size  # the stream's first window, as the CLI reads it
+    started = time.perf_counter()
+    choice = learner.steer_on(data[:window])
+    seconds = time.perf_counter() - started
+    slices = []
+    for start in args.slices if learner.prompt is not None else []:
+        piece = data[start : start + AUTO_SLICE]
+        if len(piece) < AUTO_SLICE:
+            raise SystemExit(f"--slices {start}: the file has no {AUTO_SLICE} bytes there")
+        none, kept = (_compress(model, prompt, piece, 0)["archive_bytes"] for prompt in (None, learner.prompt))
+        header_bits = learner.header_bits(learner.prompt)
+        slices.append(
+            {"start": start, "none_bytes": none, "kept_bytes": kept, "text_bits_saved": 8 * (none - kept) + header_bits}
+        )
+        print(json.dumps(slices[-1]), flush=True)
+    estimates = {e.label: e for e in choice.estimates} if choice else {}
+    save(
+        args.name,
+        {
+            "kind": "steering-auto",
+            "file": args.file,
+            "bytes": len(data),
+            "window": window,
+            "seconds": seconds,
+            "trained": choice is not None,
+            "chosen": choice.chosen.label if choice else "none",
+            "vector_bits": choice.chosen.vector_bits if choice else 0,
+            "none_projected": estimates["none"].total if choice else None,
+            "chosen_projected": choice.chosen.total if choice else None,
+            "slices": slices,
         },
     )
 
@@ -189,6 +231,7 @@ def _compress(model: LoadedModel, prompt: SteeringPrompt | None, data: bytes, ve
 
 def report(args: argparse.Namespace) -> None:
     runs = [json.loads(p.read_text()) for p in RESULTS.glob("steering-*.json")]
+    autos = sorted((json.loads(p.read_text()) for p in RESULTS.glob("auto-*.json")), key=lambda r: r["file"])
     runs.sort(key=lambda r: (r["file"], r.get("tokens", 1)))
     lines = [
         "# Steering",
@@ -218,7 +261,8 @@ def report(args: argparse.Namespace) -> None:
     if not runs:
         lines.append("No runs stored yet.")
     else:
-        lines += _summary(runs)
+        lines += _auto_section(autos)
+        lines += _summary(runs, autos)
     text = "\n".join(lines) + "\n"
     if args.write:
         Path(args.write).write_text(text)
@@ -312,7 +356,41 @@ def _savings(r: dict) -> tuple[dict, dict, int, float] | None:
     return none, learned, measured, none["projected_text_bits"] - learned["projected_text_bits"]
 
 
-def _summary(runs: list[dict]) -> list[str]:
+def _provenance(r: dict) -> str:
+    return f"`{r['command']}` ({r['date']}{', ' + r['note'] if r.get('note') else ''})"
+
+
+def _auto_section(autos: list[dict]) -> list[str]:
+    """``--steer auto`` on whole corpus files: its choice on the first window, and kept vectors measured."""
+    if not autos:
+        return []
+    lines = [
+        "## `--steer auto` on the large corpus files",
+        "",
+        "What the default decides on each file's first window (the CLI's, batch x chunk size), and, where it keeps "
+        f"a vector, that vector measured for real on {AUTO_SLICE // 1024} KiB slices compressed with and without "
+        "it (*text bits saved* = the archive difference plus the vector's header bits: positive, the vector "
+        "earns that much there). Commands: " + "; ".join(_provenance(r) for r in autos) + ".",
+        "",
+        "| file | bytes | first window | auto keeps | vector bits | projected saving on the window | "
+        "slices: text bits saved |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in autos:
+        projected = (
+            f"{r['none_projected'] - r['chosen_projected'] + r['vector_bits']:,.0f} text bits"
+            if r["trained"]
+            else "(not trained)"
+        )
+        measured = ", ".join(f"at {x['start']:,}: {x['text_bits_saved']:+,}" for x in r["slices"]) or "-"
+        lines.append(
+            f"| {r['file']} | {r['bytes']:,} | {r['window']:,} | {r['chosen']} | {r['vector_bits']:,} | "
+            f"{projected} | {measured} |"
+        )
+    return [*lines, ""]
+
+
+def _summary(runs: list[dict], autos: list[dict]) -> list[str]:
     """Where a learned vector pays, from the measured runs: saving per byte, break-even size, projection."""
     lines = ["## Where steering pays", ""]
     for r in runs:
@@ -345,7 +423,7 @@ def _summary(runs: list[dict]) -> list[str]:
                 f"- Scale hyperprior, {name}: {min(gains):+,.0f} to {max(gains):+,.0f} bits against one Gaussian "
                 "(positive: fewer bits)."
             )
-    measured = {r["file"] for r in runs}
+    measured = {r["file"] for r in runs} | {r["file"] for r in autos}
     unmeasured = [
         p.relative_to(CORPUS).as_posix()
         for p in sorted(CORPUS.glob("*/*"))
@@ -419,6 +497,12 @@ def main() -> None:
     p.add_argument("--model", help="default: the default model (a tiny test model makes a quick dry run)")
     p.add_argument("--measure", nargs="*", default=["none", "learned"], choices=STUDY_MODES)
     p.set_defaults(func=run)
+    p = sub.add_parser("auto")
+    p.add_argument("--name", required=True, help="results name (auto-...)")
+    p.add_argument("--file", required=True, help="a corpus file, relative to ../shared/corpus")
+    p.add_argument("--slices", type=int, nargs="*", default=[], help="offsets of 128 KiB slices to measure")
+    p.add_argument("--model")
+    p.set_defaults(func=auto)
     p = sub.add_parser("hyperpriors")
     p.add_argument("--name", required=True)
     p.add_argument("--model")
@@ -427,7 +511,7 @@ def main() -> None:
     p.add_argument("--write", help="write the report to this file (default: print it)")
     p.set_defaults(func=report)
     args = parser.parse_args()
-    if args.command == "run" and not (CORPUS / args.file).exists():
+    if args.command in ("run", "auto") and not (CORPUS / args.file).exists():
         raise SystemExit(f"{CORPUS / args.file}: not found (the shared corpus is needed for the report)")
     args.func(args)
 

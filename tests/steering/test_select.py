@@ -20,12 +20,12 @@ def option(vector_bits: int, text_bits: float, coded=CODED) -> Estimate:
 
 @pytest.mark.parametrize(
     ("saving", "cost", "auto_keeps"),
-    [(1000, 400, True), (1000, 401, False), (100, 0, True), (-5, 10, False)],
+    [(1000, 200, True), (1000, 201, False), (100, 0, True), (-5, 10, False)],
 )
 def test_auto_keeps_a_vector_only_when_its_saving_clears_the_margin(saving, cost, auto_keeps):
     none = Estimate(None, 0, 1000.0, 10_000.0)
     learned = option(cost, 10_000.0 - saving)
-    assert AUTO_MARGIN == 2.5
+    assert AUTO_MARGIN == 5.0
     assert choose([none, learned], auto=True) is (learned if auto_keeps else none)
     assert choose([none, learned], auto=False) is learned  # learn:N always keeps its vector
 
