@@ -142,7 +142,8 @@ def auto(args: argparse.Namespace) -> None:
             {"start": start, "none_bytes": none, "kept_bytes": kept, "text_bits_saved": 8 * (none - kept) + header_bits}
         )
         print(json.dumps(slices[-1]), flush=True)
-    estimates = {e.label: e for e in choice.estimates} if choice else {}
+    best = min((e for e in choice.estimates if e.coded is not None), key=lambda e: e.total) if choice else None
+    none_total = next(e.total for e in choice.estimates if e.coded is None) if choice else None
     save(
         args.name,
         {
@@ -153,9 +154,10 @@ def auto(args: argparse.Namespace) -> None:
             "seconds": seconds,
             "trained": choice is not None,
             "chosen": choice.chosen.label if choice else "none",
-            "vector_bits": choice.chosen.vector_bits if choice else 0,
-            "none_projected": estimates["none"].total if choice else None,
-            "chosen_projected": choice.chosen.total if choice else None,
+            "best": best.label if best else None,
+            "vector_bits": best.vector_bits if best else 0,
+            "none_projected": none_total,
+            "best_projected": best.total if best else None,
             "slices": slices,
         },
     )
@@ -372,20 +374,18 @@ def _auto_section(autos: list[dict]) -> list[str]:
         "it (*text bits saved* = the archive difference plus the vector's header bits: positive, the vector "
         "earns that much there). Commands: " + "; ".join(_provenance(r) for r in autos) + ".",
         "",
-        "| file | bytes | first window | auto keeps | vector bits | projected saving on the window | "
-        "slices: text bits saved |",
-        "|---|---|---|---|---|---|---|",
+        "| file | bytes | first window | auto kept | best vector's bits | its projected saving on the window | "
+        f"slices: text bits saved | auto today ({AUTO_MARGIN:g}x) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in autos:
-        projected = (
-            f"{r['none_projected'] - r['chosen_projected'] + r['vector_bits']:,.0f} text bits"
-            if r["trained"]
-            else "(not trained)"
-        )
+        saving = r["none_projected"] - r["best_projected"] + r["vector_bits"] if r["trained"] else 0
+        projected = f"{saving:,.0f} text bits ({r['best']})" if r["trained"] else "(not trained)"
         measured = ", ".join(f"at {x['start']:,}: {x['text_bits_saved']:+,}" for x in r["slices"]) or "-"
+        today = r["best"] if r["trained"] and saving >= AUTO_MARGIN * r["vector_bits"] else "none"
         lines.append(
             f"| {r['file']} | {r['bytes']:,} | {r['window']:,} | {r['chosen']} | {r['vector_bits']:,} | "
-            f"{projected} | {measured} |"
+            f"{projected} | {measured} | {today} |"
         )
     return [*lines, ""]
 

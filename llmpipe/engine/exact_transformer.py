@@ -53,7 +53,7 @@ from llmpipe.engine.integer_ops import (
     quantize_weight,
     split_bytes,
 )
-from llmpipe.engine.native import MAX_HEAD_DIM, Kernels, attention_kernels
+from llmpipe.engine.native import MAX_HEAD_DIM, Kernels, kernels_for
 from llmpipe.models.config import ModelConfig
 
 NUMERICS_VERSION = 1
@@ -297,7 +297,7 @@ class ExactTransformer:
         self.activation_limit = (len(activation) - 1) // 2
         # IEEE sqrt and division are correctly rounded: the same float everywhere; times the grid (a power of two)
         self.score_factor = torch.tensor(ATTENTION_GRID / math.sqrt(config.head_dim), device=self.device)
-        self.kernels = attention_kernels(self.device) if native and config.head_dim <= MAX_HEAD_DIM else None
+        self.kernels = kernels_for(self.device) if native and config.head_dim <= MAX_HEAD_DIM else None
         self._prompt: ExactKVCache | None = None
 
     def set_prompt(self, rows: torch.Tensor | None) -> None:

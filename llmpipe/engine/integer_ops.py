@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from llmpipe.engine.native import kernels_for
+
 ACT_MAX = 32639
 """Activations are int16 in [-ACT_MAX, ACT_MAX] = 127 * 256 + 127, so that both bytes of
 ``x = 256 * hi + lo`` (lo in [-128, 127]) fit an int8: hi in [-127, 127]."""
@@ -29,8 +31,19 @@ def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tenso
     """Round ``x`` (float32) to integers in [-qmax, qmax] per row (last dimension).
 
     Returns the integer values (as float32) and the row scale (``x ~ q * scale``),
-    shape ``(..., 1)``. An all-zero row gets scale 0.
+    shape ``(..., 1)``. An all-zero row gets scale 0. On the CPU in one pass of
+    the compiled kernel when there is one (``native``), else :func:`quantize_rows_torch`:
+    the same float32 operations, the same bits.
     """
+    kernels = kernels_for(x.device)
+    if kernels is None or x.dtype != torch.float32 or x.dim() == 0 or not x.numel():
+        return quantize_rows_torch(x, qmax)
+    q, amax = kernels.quantize_rows(x.contiguous(), qmax)
+    return q, amax * (1.0 / qmax)  # as below
+
+
+def quantize_rows_torch(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` in torch operations (any device)."""
     amax = x.abs().amax(dim=-1, keepdim=True)
     limit = torch.full_like(amax, float(qmax))
     inverse = torch.where(amax > 0, limit / amax, torch.zeros_like(amax))
@@ -121,8 +134,17 @@ def int16_int8_matmul(q: torch.Tensor, weight_t: torch.Tensor) -> tuple[torch.Te
     one int8 product on the stacked rows gives both terms (returned in that order).
     """
     rows = q.shape[0]
-    both = int8_matmul(split_bytes(q).to(torch.int8), weight_t)  # (2M, N)
+    both = int8_matmul(split_bytes_int8(q), weight_t)  # (2M, N)
     return both[:rows], both[rows:]
+
+
+def split_bytes_int8(q: torch.Tensor) -> torch.Tensor:
+    """:func:`split_bytes` of (M, K) ``q`` along the rows, as int8 (2M, K): one pass of the compiled kernel
+    on the CPU when there is one (``native``)."""
+    kernels = kernels_for(q.device)
+    if kernels is None or q.dtype != torch.float32 or not q.numel():
+        return split_bytes(q).to(torch.int8)
+    return kernels.split_bytes(q.contiguous())
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

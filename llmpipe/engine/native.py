@@ -1,11 +1,13 @@
-"""The compiled integer attention kernels (``attention_kernels.c``): built once per machine, optional.
+"""The exact engine's compiled kernels (``kernels.c``): built once per machine, optional.
 
 A decoding step reads every cached key and value of every row; with the
 cache held as int8 instead of float32 that is a quarter of the memory
 traffic, but torch has no batched int8 product on the CPU. The C kernels do
 the two products of attention in exact integer arithmetic, so they return
-the same integers as the float32 GEMMs they replace (``exact_transformer``),
-and archives do not depend on whether they are used.
+the same integers as the float32 GEMMs they replace (``exact_transformer``).
+They also quantise rows and split them into bytes before each matrix product
+in one pass each (``integer_ops``), with the same float32 operations as
+torch's half-dozen passes. Archives do not depend on whether they are used.
 
 They are compiled with the system C compiler (``$CC``, else ``cc``) into
 ``<llmpipe cache>/kernels/`` on first use, keyed by the source, the compiler
@@ -29,10 +31,10 @@ import torch
 
 from llmpipe.models.cache import cache_dir
 
-SOURCE = Path(__file__).with_name("attention_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 MAX_HEAD_DIM = 512
-"""The kernels' scratch size (``attention_kernels.c``); models with larger heads use the torch path."""
+"""The kernels' scratch size (``kernels.c``); models with larger heads use the torch path."""
 _INT64 = ctypes.c_int64
 
 
@@ -57,7 +59,7 @@ def _build() -> Path | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_features()]).encode())
-    target = cache_dir() / "kernels" / f"attention-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     try:
@@ -71,21 +73,28 @@ def _build() -> Path | None:
     return target
 
 
-def _known_answer_ok(library: ctypes.CDLL) -> bool:
-    """Do the kernels give int64 arithmetic's answer on random and extreme values?"""
+def _known_answer_ok(kernels: Kernels) -> bool:
+    """Do the kernels give int64 arithmetic's answer on random and extreme values, and torch's bits when
+    quantising (ties at .5, all-zero rows, magnitudes from 2^-30 to 2^30)?"""
+    from llmpipe.engine.integer_ops import ACT_MAX, quantize_rows_torch, split_bytes
+
     generator = torch.Generator().manual_seed(0)
     q = torch.randint(-32639, 32640, (6, 3, 64), generator=generator, dtype=torch.int16)
     q[0] = 32639
     keys = torch.randint(-127, 128, (6, 40, 64), generator=generator, dtype=torch.int8)
     keys[0] = 127
     weights = torch.randint(0, 2**15, (6, 3, 33), generator=generator, dtype=torch.int32)
-    kernels = Kernels(library)
-    scores = kernels.scores(q, keys, 33)
-    mixed = kernels.mix(weights, keys, 33)
     wide = keys[:, :33].to(torch.int64)
-    return torch.equal(scores.to(torch.int64), q.to(torch.int64) @ wide.transpose(1, 2)) and torch.equal(
-        mixed.to(torch.int64), weights.to(torch.int64) @ wide
-    )
+    scores_ok = torch.equal(kernels.scores(q, keys, 33).to(torch.int64), q.to(torch.int64) @ wide.transpose(1, 2))
+    mix_ok = torch.equal(kernels.mix(weights, keys, 33).to(torch.int64), weights.to(torch.int64) @ wide)
+    x = torch.randn(9, 300, generator=generator) * torch.exp2(torch.randint(-30, 31, (9, 1), generator=generator))
+    x[0] = 0.0
+    x[1, :] = torch.arange(300) - 149.5  # ties
+    q, amax = kernels.quantize_rows(x, ACT_MAX)
+    reference, scale = quantize_rows_torch(x, ACT_MAX)
+    quantise_ok = torch.equal(q, reference) and torch.equal(amax * (1.0 / ACT_MAX), scale)
+    split_ok = torch.equal(kernels.split_bytes(q), split_bytes(q).to(torch.int8))
+    return scores_ok and mix_ok and quantise_ok and split_ok
 
 
 class Kernels:
@@ -95,10 +104,17 @@ class Kernels:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._library = library
-        for name in ("attention_scores", "attention_mix"):
+        pointer, count = ctypes.c_void_p, ctypes.c_int
+        signatures = {
+            "attention_scores": [pointer] * 3 + [_INT64] * 5 + [count],
+            "attention_mix": [pointer] * 3 + [_INT64] * 5 + [count],
+            "quantize_rows": [pointer] * 3 + [_INT64] * 2 + [ctypes.c_float, count],
+            "split_bytes": [pointer] * 2 + [_INT64] * 2 + [count],
+        }
+        for name, arguments in signatures.items():
             function = getattr(library, name)
             function.restype = None
-            function.argtypes = [ctypes.c_void_p] * 3 + [_INT64] * 5 + [ctypes.c_int]
+            function.argtypes = arguments
 
     @staticmethod
     def _rows(cached: torch.Tensor) -> tuple[int, int]:
@@ -127,24 +143,36 @@ class Kernels:
         self._library.attention_mix(*pointers, *sizes, torch.get_num_threads())
         return out
 
+    def quantize_rows(self, x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``integer_ops.quantize_rows`` of a contiguous float32 ``x`` (..., C): the integers (float32) and
+        the rows' largest magnitudes ``amax`` (..., 1)."""
+        q = torch.empty_like(x)
+        amax = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+        sizes = (x.numel() // max(1, x.shape[-1]), x.shape[-1])
+        self._library.quantize_rows(x.data_ptr(), q.data_ptr(), amax.data_ptr(), *sizes, qmax, torch.get_num_threads())
+        return q, amax
+
+    def split_bytes(self, q: torch.Tensor) -> torch.Tensor:
+        """``integer_ops.split_bytes`` of a contiguous (M, K) float32 ``q``, as int8 (2M, K)."""
+        out = torch.empty(2 * q.shape[0], q.shape[1], dtype=torch.int8)
+        self._library.split_bytes(q.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], torch.get_num_threads())
+        return out
+
 
 @cache
-def _library() -> ctypes.CDLL | None:
+def _kernels() -> Kernels | None:
     if os.environ.get("LLMPIPE_NATIVE", "1") == "0":
         return None
     path = _build()
     if path is None:
         return None
     try:
-        library = ctypes.CDLL(str(path))
-        return library if _known_answer_ok(library) else None
+        kernels = Kernels(ctypes.CDLL(str(path)))
+        return kernels if _known_answer_ok(kernels) else None
     except (OSError, AttributeError):
         return None
 
 
-def attention_kernels(device: torch.device) -> Kernels | None:
-    """The kernels for ``device``, or None (use the torch path)."""
-    if device.type != "cpu":
-        return None
-    library = _library()
-    return None if library is None else Kernels(library)
+def kernels_for(device: torch.device) -> Kernels | None:
+    """The kernels for tensors on ``device``, or None (use the torch path)."""
+    return _kernels() if device.type == "cpu" else None

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from llmpipe.engine import native
 from llmpipe.engine.exact_transformer import ExactTransformer, prepare_exact_weights
+from llmpipe.engine.integer_ops import ACT_MAX, quantize_rows, quantize_rows_torch, split_bytes, split_bytes_int8
 from tests.conftest import ARCHITECTURES
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the torch path runs")
@@ -17,7 +18,7 @@ needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C com
 
 @pytest.fixture(scope="module")
 def kernels() -> native.Kernels:
-    found = native.attention_kernels(torch.device("cpu"))
+    found = native.kernels_for(torch.device("cpu"))
     assert found is not None, "a C compiler is here, yet the kernels were not built or failed their check"
     return found
 
@@ -50,6 +51,32 @@ def test_kernels_give_exact_integer_products_on_cache_slices(kernels, seed, rows
 
 
 @needs_compiler
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 70),
+    columns=st.integers(1, 600),
+    exponent=st.integers(-40, 40),
+    qmax=st.sampled_from([127, ACT_MAX]),
+    transposed=st.booleans(),
+)
+def test_quantising_and_splitting_give_torchs_bits(kernels, seed, rows, columns, exponent, qmax, transposed):
+    """The one-pass kernels against torch's passes: any magnitude, ties at .5, all-zero rows, views."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, columns, generator=generator) * 2.0**exponent
+    x[0] = 0.0
+    if rows > 1:
+        x[1] = torch.arange(columns) - columns / 2 - 0.5  # halves: round half to even
+    if transposed:
+        x = x.t().contiguous().t()  # the same values through a strided view
+    q, scale = quantize_rows(x, qmax)
+    reference, reference_scale = quantize_rows_torch(x, qmax)
+    assert torch.equal(q, reference) and torch.equal(scale, reference_scale)
+    if qmax == ACT_MAX:
+        assert torch.equal(split_bytes_int8(q), split_bytes(q).to(torch.int8))
+
+
+@needs_compiler
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_decoding_steps_are_the_same_with_and_without_kernels(tiny_models, kernels, arch):
     """Each step (and a 16-position prefill, the longest pass they take) with the kernels equals the torch
@@ -76,17 +103,17 @@ def test_decoding_steps_are_the_same_with_and_without_kernels(tiny_models, kerne
 def test_without_a_compiler_the_torch_path_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LLMPIPE_CACHE", str(tmp_path))
-    native._library.cache_clear()
+    native._kernels.cache_clear()
     try:
-        assert native.attention_kernels(torch.device("cpu")) is None
+        assert native.kernels_for(torch.device("cpu")) is None
     finally:
-        native._library.cache_clear()
+        native._kernels.cache_clear()
 
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("LLMPIPE_NATIVE", "0")
-    native._library.cache_clear()
+    native._kernels.cache_clear()
     try:
-        assert native.attention_kernels(torch.device("cpu")) is None
+        assert native.kernels_for(torch.device("cpu")) is None
     finally:
-        native._library.cache_clear()
+        native._kernels.cache_clear()
