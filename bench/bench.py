@@ -555,6 +555,8 @@ def report(args: argparse.Namespace) -> None:
     ]
     for path in sorted(RESULTS.glob("*.json")):
         run_data = json.loads(path.read_text())
+        if run_data.get("kind", "").startswith("steering"):
+            continue  # bench/steering.py's runs: STEERING.md reports them
         m = run_data["machine"]
         lines += [
             f"## {path.stem}",
