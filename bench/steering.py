@@ -43,7 +43,7 @@ from llmpipe.steering.hyperprior import (  # noqa: E402
 )
 from llmpipe.steering.prompt import SteeringPrompt, learned_prompt, parse_steer, prompt_rows  # noqa: E402
 from llmpipe.steering.quantise import decode_coding, quantiser_label  # noqa: E402
-from llmpipe.steering.select import AUTO_MARGIN, held_out_bits  # noqa: E402
+from llmpipe.steering.select import AUTO_MARGIN, best_learned, clears_margin, held_out_bits  # noqa: E402
 
 STUDY_MODES = ("none", "fixed string", "static random soft prompt", "learned")
 AUTO_SLICE = 128 * 1024
@@ -132,17 +132,17 @@ def auto(args: argparse.Namespace) -> None:
     choice = learner.steer_on(data[:window])
     seconds = time.perf_counter() - started
     slices = []
+    header_bits = learner.header_bits(learner.prompt)
     for start in args.slices if learner.prompt is not None else []:
         piece = data[start : start + AUTO_SLICE]
         if len(piece) < AUTO_SLICE:
             raise SystemExit(f"--slices {start}: the file has no {AUTO_SLICE} bytes there")
         none, kept = (_compress(model, prompt, piece, 0)["archive_bytes"] for prompt in (None, learner.prompt))
-        header_bits = learner.header_bits(learner.prompt)
         slices.append(
             {"start": start, "none_bytes": none, "kept_bytes": kept, "text_bits_saved": 8 * (none - kept) + header_bits}
         )
         print(json.dumps(slices[-1]), flush=True)
-    best = min((e for e in choice.estimates if e.coded is not None), key=lambda e: e.total) if choice else None
+    best = best_learned(choice.estimates) if choice else None
     none_total = next(e.total for e in choice.estimates if e.coded is None) if choice else None
     save(
         args.name,
@@ -382,7 +382,7 @@ def _auto_section(autos: list[dict]) -> list[str]:
         saving = r["none_projected"] - r["best_projected"] + r["vector_bits"] if r["trained"] else 0
         projected = f"{saving:,.0f} text bits ({r['best']})" if r["trained"] else "(not trained)"
         measured = ", ".join(f"at {x['start']:,}: {x['text_bits_saved']:+,}" for x in r["slices"]) or "-"
-        today = r["best"] if r["trained"] and saving >= AUTO_MARGIN * r["vector_bits"] else "none"
+        today = r["best"] if r["trained"] and clears_margin(saving, r["vector_bits"]) else "none"
         lines.append(
             f"| {r['file']} | {r['bytes']:,} | {r['window']:,} | {r['chosen']} | {r['vector_bits']:,} | "
             f"{projected} | {measured} | {today} |"
@@ -445,7 +445,7 @@ def _auto_choice(r: dict) -> str:
     none = next(row for row in r["modes"] if row["mode"] == "none")
     best = _best_coding(r)
     saving = none["projected_text_bits"] - (best["projected_total"] - best["vector_bits"])
-    if saving < AUTO_MARGIN * best["vector_bits"]:
+    if not clears_margin(saving, best["vector_bits"]):
         return (
             f"none (projected saving {saving:,.0f} bits, under {AUTO_MARGIN:g}x the {best['vector_bits']:,}-bit vector)"
         )

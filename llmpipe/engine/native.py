@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 from functools import cache
@@ -46,8 +47,6 @@ def _cpu_features() -> str:
                 return line
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
@@ -90,10 +89,10 @@ def _known_answer_ok(kernels: Kernels) -> bool:
     x = torch.randn(9, 300, generator=generator) * torch.exp2(torch.randint(-30, 31, (9, 1), generator=generator))
     x[0] = 0.0
     x[1, :] = torch.arange(300) - 149.5  # ties
-    q, amax = kernels.quantize_rows(x, ACT_MAX)
+    quantised, amax = kernels.quantize_rows(x, ACT_MAX)
     reference, scale = quantize_rows_torch(x, ACT_MAX)
-    quantise_ok = torch.equal(q, reference) and torch.equal(amax * (1.0 / ACT_MAX), scale)
-    split_ok = torch.equal(kernels.split_bytes(q), split_bytes(q).to(torch.int8))
+    quantise_ok = torch.equal(quantised, reference) and torch.equal(amax * (1.0 / ACT_MAX), scale)
+    split_ok = torch.equal(kernels.split_bytes(quantised), split_bytes(quantised).to(torch.int8))
     return scores_ok and mix_ok and quantise_ok and split_ok
 
 

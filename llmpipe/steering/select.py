@@ -79,11 +79,21 @@ def rank(
     return sorted(estimates, key=lambda e: e.total)
 
 
+def best_learned(estimates: list[Estimate]) -> Estimate:
+    """The learned option with the smallest projected total."""
+    return min((e for e in estimates if e.coded is not None), key=lambda e: e.total)
+
+
+def clears_margin(saving: float, vector_bits: int) -> bool:
+    """``auto``'s rule: is a projected text saving worth a vector of ``vector_bits``?"""
+    return saving >= AUTO_MARGIN * vector_bits
+
+
 def choose(estimates: list[Estimate], auto: bool) -> Estimate:
     """``learn:N``: the best learned option. ``auto``: that option when it saves :data:`AUTO_MARGIN` times
     its cost against no prompt, else no prompt."""
     none = next(e for e in estimates if e.coded is None)
-    best = min((e for e in estimates if e.coded is not None), key=lambda e: e.total)
-    if auto and none.projected_text_bits - best.projected_text_bits < AUTO_MARGIN * best.vector_bits:
+    best = best_learned(estimates)
+    if auto and not clears_margin(none.projected_text_bits - best.projected_text_bits, best.vector_bits):
         return none
     return best
