@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from llmpipe.engine.integer_ops import lookup
+from llmpipe.engine.native import kernels_for
 from llmpipe.engine.tables import exp_table
 
 FREQ_BITS = 28  # frequency total; loses < V / 2^28 of probability mass to the +1 floors
@@ -37,14 +38,26 @@ def frequency_tables(logits: torch.Tensor, extra_symbols: int, freq_bits: int = 
     """Integer frequencies ``(B, V + extra)`` (float64 holding integers) for float32 ``logits`` ``(B, V)``.
 
     The ``extra_symbols`` (escapes) get frequency 1 each; every row sums to
-    at most ``2**freq_bits``.
+    at most ``2**freq_bits``. On the CPU in one pass of the compiled kernel when
+    there is one (``engine.native``), else :func:`frequency_tables_torch`: the same bits.
     """
+    kernels = kernels_for(logits.device)
+    if kernels is None or logits.dtype != torch.float32 or not logits.shape[0]:
+        return frequency_tables_torch(logits, extra_symbols, freq_bits)
+    budget = float((1 << freq_bits) - logits.shape[1] - extra_symbols)
+    return kernels.frequency_tables(logits.contiguous(), float(LOGIT_GRID), _EXP, budget, extra_symbols)
+
+
+def frequency_tables_torch(logits: torch.Tensor, extra_symbols: int, freq_bits: int = FREQ_BITS) -> torch.Tensor:
+    """:func:`frequency_tables` in torch operations (any device); the compiled kernel (``engine.native``)
+    does the same operations in one pass per row."""
     rows, vocab = logits.shape
+    budget = float((1 << freq_bits) - vocab - extra_symbols)
     top = logits.amax(dim=1, keepdim=True)
     steps = torch.round_((top - logits).mul_(float(LOGIT_GRID))).clamp_(max=len(_EXP) - 1)
     e = lookup(_EXP, steps)  # (B, V), integers <= 2^24
     total = e.sum(dim=1, keepdim=True)  # >= 2^24 (the maximum itself): never 0
-    share = torch.full_like(total, float((1 << freq_bits) - vocab - extra_symbols)) / total
+    share = torch.full_like(total, budget) / total
     freq = torch.ones(rows, vocab + extra_symbols, dtype=torch.float64)
     freq[:, :vocab] += torch.floor_(e.mul_(share))
     return freq

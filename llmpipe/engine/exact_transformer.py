@@ -47,6 +47,7 @@ import torch
 from llmpipe.engine import tables
 from llmpipe.engine.integer_ops import (
     ACT_MAX,
+    int8_products,
     int16_int8_matmul,
     lookup,
     quantize_rows,
@@ -69,10 +70,13 @@ save); longer ones, compute-bound, run the float32 GEMMs."""
 class ExactWeight:
     """An int8 weight stored transposed for ``int16_int8_matmul``, with its per-channel scales and bias."""
 
-    def __init__(self, q_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, q_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, kernels: Kernels | None = None
+    ) -> None:
         self.q_t = q_t  # (K, N) int8, as prepared: on the CPU the cache file's own pages, no copy
-        self.scale = scale.to(torch.float32)  # (N,)
-        self.bias = bias  # (N,) float32 or None
+        self.scale = scale.to(torch.float32).contiguous()  # (N,)
+        self.bias = None if bias is None else bias.contiguous()  # (N,) float32
+        self.kernels = kernels  # combine the two products in one pass (``native``), same bits
 
     @cached_property
     def row_sums(self) -> torch.Tensor:
@@ -85,6 +89,8 @@ class ExactWeight:
         ``mean`` (``(M, 1)`` float64, LayerNorm only) is subtracted from every
         input element, as ``W q - mean * W 1`` after the exact product.
         """
+        if mean is None and self.kernels is not None:
+            return self.kernels.combine_products(int8_products(xq, self.q_t), row_scale, self.scale, self.bias)
         high, low = int16_int8_matmul(xq, self.q_t)  # (M, N) int32 each, exact
         if mean is None:
             # 256 * high is exact in float32; the sum is the one rounding; then the two scales
@@ -223,38 +229,6 @@ def _layer_norm_quantize(x: torch.Tensor, eps: float) -> NormedRows:
     return NormedRows(q, (scale64 * inverse_std).to(torch.float32), sums.to(torch.float64) * (1.0 / c))
 
 
-class _CachedProducts:
-    """Attention's two exact products against one layer's cached int8 keys and values: by the compiled
-    kernels (``native``) when given, else as float32 GEMMs on a float32 copy of the visible cache."""
-
-    def __init__(self, cache: ExactKVCache, layer: int, rows: int, end: int, kernels: Kernels | None) -> None:
-        kv_heads, hd = cache.keys.shape[2], cache.keys.shape[4]
-        self._kernels = kernels
-        keys, values = cache.keys[layer, :rows], cache.values[layer, :rows]  # (B, KV, T, hd) int8
-        if kernels is not None:  # (B * KV, T, hd) views of the cache itself
-            self._keys, self._values = keys.flatten(0, 1), values.flatten(0, 1)
-        else:
-            self._keys = keys[:, :, :end].reshape(rows * kv_heads, end, hd).to(torch.float32)
-            self._values = values[:, :, :end].reshape(rows * kv_heads, end, hd).to(torch.float32)
-
-    def scores(self, qq: torch.Tensor, visible: int) -> torch.Tensor:
-        """Integer queries ``qq`` (N, M, hd) float32 against the first ``visible`` keys -> (N, M, visible)
-        float32: each exact integer dot product rounded once to float32."""
-        if self._kernels is not None:
-            return self._kernels.scores(qq.to(torch.int16), self._keys, visible).to(torch.float32)
-        m = qq.shape[1]
-        both = split_bytes(qq, dim=1)  # int8-valued high and low bytes: every product sum stays below 2^24
-        raw = torch.matmul(both, self._keys[:, :visible].transpose(1, 2))  # exact integers (module docstring)
-        return raw[:, :m] * 256.0 + raw[:, m:]  # one rounding: the sum
-
-    def mix(self, weights: torch.Tensor, visible: int) -> torch.Tensor:
-        """Integer attention weights (N, M, visible) float32 times the first ``visible`` values -> (N, M, hd)
-        float32, exact (bound in the module docstring)."""
-        if self._kernels is not None:
-            return self._kernels.mix(weights.to(torch.int32), self._values, visible).to(torch.float32)
-        return torch.matmul(weights, self._values[:, :visible])
-
-
 class ExactTransformer:
     """A transformer on prepared exact weights; see the module docstring for the arithmetic."""
 
@@ -275,8 +249,10 @@ class ExactTransformer:
         def tensor(name: str) -> torch.Tensor | None:
             return exact_weights[name].to(self.device) if name in exact_weights else None
 
+        self.kernels = kernels_for(self.device) if native else None
+
         def weight(name: str) -> ExactWeight:
-            return ExactWeight(tensor(f"{name}.q_t"), tensor(f"{name}.scale"), tensor(f"{name}.bias"))
+            return ExactWeight(tensor(f"{name}.q_t"), tensor(f"{name}.scale"), tensor(f"{name}.bias"), self.kernels)
 
         self.embed = tensor("embed")
         self.positions = tensor("positions")  # learned position embeddings (GPT-2)
@@ -297,8 +273,36 @@ class ExactTransformer:
         self.activation_limit = (len(activation) - 1) // 2
         # IEEE sqrt and division are correctly rounded: the same float everywhere; times the grid (a power of two)
         self.score_factor = torch.tensor(ATTENTION_GRID / math.sqrt(config.head_dim), device=self.device)
-        self.kernels = kernels_for(self.device) if native and config.head_dim <= MAX_HEAD_DIM else None
+        attention = self.kernels if config.head_dim <= MAX_HEAD_DIM else None
+        self.attention_kernels = (
+            attention if attention is not None and self._native_attention_agrees(attention) else None
+        )
         self._prompt: ExactKVCache | None = None
+
+    def _native_attention_agrees(self, kernels: Kernels) -> bool:
+        """Does the compiled ``attention`` give the torch path's bits on this model's head shapes (a small
+        random cache with extreme values, one and five queries)?"""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(0)
+        cache = ExactKVCache(cfg, 2, 37, self.device)
+        for cached in (cache.keys, cache.values):
+            cached.copy_(torch.randint(-KV_MAX, KV_MAX + 1, cached.shape, generator=generator, dtype=torch.int8))
+            cached[0, 0, 0, 3] = KV_MAX
+        for scales in (cache.key_scales, cache.value_scales):
+            scales.copy_(torch.rand(scales.shape, generator=generator) * torch.exp2(torch.randint(-9, 3, scales.shape)))
+        kv_heads, hd = cfg.num_key_value_heads, cfg.head_dim
+        group = cfg.num_attention_heads // kv_heads
+        for t in (1, 5):
+            qq = torch.randint(-ACT_MAX, ACT_MAX + 1, (2, kv_heads, group, t, hd), generator=generator).float()
+            qq[0, 0, 0, 0] = ACT_MAX
+            qs = torch.rand(2, kv_heads, group, t, generator=generator) * 2e-3
+            expected = self._attention_torch(qq, qs, cache, 0, 37 - t)
+            cached = tuple(x[0].flatten(0, 1) for x in (cache.keys, cache.values, cache.key_scales, cache.value_scales))
+            queries = qq.to(torch.int16).reshape(2 * kv_heads, group, t, hd)
+            got = kernels.attention(queries, qs.reshape(2 * kv_heads, group, t), cached, self.attention_exp, 37)
+            if not torch.equal(got.view_as(expected), expected):
+                return False
+        return True
 
     def set_prompt(self, rows: torch.Tensor | None) -> None:
         """Put ``rows`` (P, C) float32 embedding rows before every sequence: their keys and values are
@@ -343,9 +347,8 @@ class ExactTransformer:
 
     def _attention(self, q, k, v, cache: ExactKVCache, layer: int, start: int) -> torch.Tensor:
         """q: (B, T, H, hd), k and v: (B, T, KV, hd) float32 -> (B, T, H * hd)."""
-        cfg = self.config
         b, t, heads, hd = q.shape
-        kv_heads = cfg.num_key_value_heads
+        kv_heads = self.config.num_key_value_heads
         group = heads // kv_heads
         end = start + t
         kq, ks = quantize_rows(k, KV_MAX)  # per token and head
@@ -354,22 +357,44 @@ class ExactTransformer:
         cache.values[layer, :b, :, start:end] = vq.transpose(1, 2)
         cache.key_scales[layer, :b, :, start:end] = ks[..., 0].transpose(1, 2)
         cache.value_scales[layer, :b, :, start:end] = vs[..., 0].transpose(1, 2)
-        products = _CachedProducts(cache, layer, b, end, self.kernels if t <= NATIVE_MAX_QUERIES else None)
+        qq, qs = quantize_rows(q, ACT_MAX)  # (B, T, H, hd), (B, T, H, 1)
+        qq = qq.view(b, t, kv_heads, group, hd).permute(0, 2, 3, 1, 4)  # (B, KV, G, T, hd)
+        qs = qs.view(b, t, kv_heads, group).permute(0, 2, 3, 1) * self.score_factor  # includes x64
+        if self.attention_kernels is not None and t <= NATIVE_MAX_QUERIES:
+            cached = (
+                cache.keys[layer, :b].flatten(0, 1),  # (B * KV, T, hd) int8: views of the cache itself
+                cache.values[layer, :b].flatten(0, 1),
+                cache.key_scales[layer, :b].flatten(0, 1),  # (B * KV, T)
+                cache.value_scales[layer, :b].flatten(0, 1),
+            )
+            queries = qq.to(torch.int16).reshape(b * kv_heads, group, t, hd)
+            out = self.attention_kernels.attention(
+                queries, qs.reshape(b * kv_heads, group, t), cached, self.attention_exp, end
+            )
+        else:
+            out = self._attention_torch(qq, qs, cache, layer, start)
+        return out.view(b, kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
+
+    def _attention_torch(self, qq, qs, cache: ExactKVCache, layer: int, start: int) -> torch.Tensor:
+        """Integer queries ``qq`` (B, KV, G, T, hd) with scales ``qs`` (B, KV, G, T) over the cache's first
+        ``start + T`` positions -> (B, KV, G, T, hd) float32, in float32 GEMMs on a float32 copy of the
+        visible cache (exact: module docstring). ``native``'s ``attention`` computes the same numbers."""
+        b, kv_heads, group, t, hd = qq.shape
+        end = start + t
+        keys = cache.keys[layer, :b, :, :end].reshape(b * kv_heads, end, hd).to(torch.float32)
+        values = cache.values[layer, :b, :, :end].reshape(b * kv_heads, end, hd).to(torch.float32)
         key_scales = cache.key_scales[layer, :b, :, None, :end]  # (B, KV, 1, S)
         value_scales = cache.value_scales[layer, :b, :, :end]  # (B, KV, S)
         running_max = value_scales.cummax(dim=-1).values  # common value scale per query position
-
-        qq, qs = quantize_rows(q, ACT_MAX)  # (B, T, H, hd), (B, T, H, 1)
-        qq = qq.view(b, t, kv_heads, group, hd).permute(0, 2, 3, 1, 4)  # (B, KV, G, T, hd)
-        qs = qs.view(b, t, kv_heads, group, 1).permute(0, 2, 3, 1, 4) * self.score_factor  # includes x64
         out = torch.empty(b, kv_heads, group, t, hd, device=self.device)
         for a in range(0, t, QUERY_BLOCK):  # query blocks only bound memory; each position is independent
             n = min(QUERY_BLOCK, t - a)
             visible = start + a + n  # keys a query in this block may see, at most
-            dots = products.scores(qq[:, :, :, a : a + n].reshape(b * kv_heads, group * n, hd), visible)
-            dots = dots.view(b, kv_heads, group, n, visible)
+            both = split_bytes(qq[:, :, :, a : a + n].reshape(b * kv_heads, group * n, hd), dim=1)  # int8-valued
+            raw = torch.matmul(both, keys[:, :visible].transpose(1, 2))  # exact integers: every sum < 2^24
+            dots = (raw[:, : group * n] * 256.0 + raw[:, group * n :]).view(b, kv_heads, group, n, visible)
             # scores in units of 1/ATTENTION_GRID (a power of two, folded into the query scale: exact)
-            scores = dots * qs[:, :, :, a : a + n] * key_scales[..., :visible].unsqueeze(2)
+            scores = dots * qs[:, :, :, a : a + n, None] * key_scales[..., :visible].unsqueeze(2)
             if t > 1:  # positions after each query are invisible
                 rows = torch.arange(start + a, start + a + n, device=self.device)[:, None]
                 hidden = torch.arange(visible, device=self.device)[None, :] > rows  # (n, visible)
@@ -381,16 +406,22 @@ class ExactTransformer:
             common = running_max[:, :, None, start + a : start + a + n, None]  # (B, KV, 1, n, 1)
             factor = torch.full_like(denominator, float(ATTENTION_ONE)) / (denominator * common.to(torch.float64))
             weights = torch.round_(e.mul_(value_scales[:, :, None, None, :visible]).mul_(factor.to(torch.float32)))
-            mixed = products.mix(weights.view(b * kv_heads, group * n, visible), visible)  # exact integers
+            mixed = torch.matmul(weights.view(b * kv_heads, group * n, visible), values[:, :visible])  # exact
             unit = common * (1.0 / ATTENTION_ONE)  # a power of two: exact
             out[:, :, :, a : a + n] = mixed.view(b, kv_heads, group, n, hd) * unit
-        return out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
+        return out
 
     def _mlp(self, layer: dict, normed: NormedRows) -> torch.Tensor:
         if self.config.gated_mlp:
             gate_up = layer["gate_up"](*normed)
             inner = self.config.intermediate_size
-            mixed = self._activation(gate_up[:, :inner]) * gate_up[:, inner:]
+            gate, up = gate_up[:, :inner], gate_up[:, inner:]
+            if self.kernels is not None:
+                mixed = self.kernels.activation(gate, up, tables.ACTIVATION_GRID, self.activation_table)
+            else:
+                mixed = self._activation(gate) * up
+        elif self.kernels is not None:
+            mixed = self.kernels.activation(layer["up"](*normed), None, tables.ACTIVATION_GRID, self.activation_table)
         else:
             mixed = self._activation(layer["up"](*normed))
         return layer["down"](*quantize_rows(mixed, ACT_MAX))

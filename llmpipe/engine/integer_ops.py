@@ -134,8 +134,13 @@ def int16_int8_matmul(q: torch.Tensor, weight_t: torch.Tensor) -> tuple[torch.Te
     one int8 product on the stacked rows gives both terms (returned in that order).
     """
     rows = q.shape[0]
-    both = int8_matmul(split_bytes_int8(q), weight_t)  # (2M, N)
+    both = int8_products(q, weight_t)
     return both[:rows], both[rows:]
+
+
+def int8_products(q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """:func:`int16_int8_matmul`'s two products stacked: (2M, N) int32, ``hi @ w`` rows first."""
+    return int8_matmul(split_bytes_int8(q), weight_t)
 
 
 def split_bytes_int8(q: torch.Tensor) -> torch.Tensor:

@@ -73,27 +73,18 @@ def _build() -> Path | None:
 
 
 def _known_answer_ok(kernels: Kernels) -> bool:
-    """Do the kernels give int64 arithmetic's answer on random and extreme values, and torch's bits when
-    quantising (ties at .5, all-zero rows, magnitudes from 2^-30 to 2^30)?"""
+    """Do the quantisation and byte split give torch's bits (ties at .5, all-zero rows, magnitudes from
+    2^-30 to 2^30)? (``exact_transformer`` checks ``attention`` against its torch path per model.)"""
     from llmpipe.engine.integer_ops import ACT_MAX, quantize_rows_torch, split_bytes
 
     generator = torch.Generator().manual_seed(0)
-    q = torch.randint(-32639, 32640, (6, 3, 64), generator=generator, dtype=torch.int16)
-    q[0] = 32639
-    keys = torch.randint(-127, 128, (6, 40, 64), generator=generator, dtype=torch.int8)
-    keys[0] = 127
-    weights = torch.randint(0, 2**15, (6, 3, 33), generator=generator, dtype=torch.int32)
-    wide = keys[:, :33].to(torch.int64)
-    scores_ok = torch.equal(kernels.scores(q, keys, 33).to(torch.int64), q.to(torch.int64) @ wide.transpose(1, 2))
-    mix_ok = torch.equal(kernels.mix(weights, keys, 33).to(torch.int64), weights.to(torch.int64) @ wide)
     x = torch.randn(9, 300, generator=generator) * torch.exp2(torch.randint(-30, 31, (9, 1), generator=generator))
     x[0] = 0.0
     x[1, :] = torch.arange(300) - 149.5  # ties
     quantised, amax = kernels.quantize_rows(x, ACT_MAX)
     reference, scale = quantize_rows_torch(x, ACT_MAX)
     quantise_ok = torch.equal(quantised, reference) and torch.equal(amax * (1.0 / ACT_MAX), scale)
-    split_ok = torch.equal(kernels.split_bytes(quantised), split_bytes(quantised).to(torch.int8))
-    return scores_ok and mix_ok and quantise_ok and split_ok
+    return quantise_ok and torch.equal(kernels.split_bytes(quantised), split_bytes(quantised).to(torch.int8))
 
 
 class Kernels:
@@ -105,10 +96,14 @@ class Kernels:
         self._library = library
         pointer, count = ctypes.c_void_p, ctypes.c_int
         signatures = {
-            "attention_scores": [pointer] * 3 + [_INT64] * 5 + [count],
-            "attention_mix": [pointer] * 3 + [_INT64] * 5 + [count],
             "quantize_rows": [pointer] * 3 + [_INT64] * 2 + [ctypes.c_float, count],
             "split_bytes": [pointer] * 2 + [_INT64] * 2 + [count],
+            "attention": [pointer] * 7 + [_INT64] + [pointer] * 2 + [_INT64] * 7 + [count],
+            "combine_products": [pointer] * 5 + [_INT64] * 2 + [count],
+            "activation": [pointer] * 2 + [_INT64, ctypes.c_float, pointer, _INT64, pointer] + [_INT64] * 2 + [count],
+            "frequency_tables": [pointer, ctypes.c_float, pointer, _INT64, ctypes.c_double, pointer]
+            + [_INT64] * 3
+            + [count],
         }
         for name, arguments in signatures.items():
             function = getattr(library, name)
@@ -122,25 +117,68 @@ class Kernels:
             raise ValueError("cached keys/values need contiguous (position, dim) planes")
         return n, cached.stride(0)
 
-    def scores(self, q: torch.Tensor, keys: torch.Tensor, length: int) -> torch.Tensor:
-        """``q`` (N, G, hd) int16 against ``keys[:, :length]`` -> (N, G, length) int32."""
-        n, stride = self._rows(keys)
-        q = q.contiguous()
-        out = torch.empty(n, q.shape[1], length, dtype=torch.int32)
-        sizes = (n, q.shape[1], q.shape[2], length, stride)
-        self._library.attention_scores(q.data_ptr(), keys.data_ptr(), out.data_ptr(), *sizes, torch.get_num_threads())
+    def attention(
+        self,
+        q: torch.Tensor,
+        qscale: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        exp: torch.Tensor,
+        length: int,
+    ) -> torch.Tensor:
+        """The last ``Q`` positions' attention over the first ``length`` cached ones (``kernels.c``):
+        ``q`` (N, G, Q, hd) int16, ``qscale`` (N, G, Q) float32, ``cache`` the keys and values (N, T, hd)
+        int8 and their scales (N, T) float32 -> (N, G, Q, hd) float32."""
+        keys, values, key_scales, value_scales = cache
+        n, kv_stride = self._rows(keys)
+        if self._rows(values)[1] != kv_stride or key_scales.stride() != value_scales.stride():
+            raise ValueError("keys and values (and their scales) need the same layout")
+        if key_scales.stride(1) != 1:
+            raise ValueError("cached scales need contiguous positions")
+        q, qscale = q.contiguous(), qscale.contiguous()
+        _, group, queries, hd = q.shape
+        out = torch.empty(n, group, queries, hd)
+        scratch = torch.empty(n, group * queries, length)
+        pointers = [t.data_ptr() for t in (q, qscale, keys, values, key_scales, value_scales, exp)]
+        sizes = (n, group, queries, hd, length, kv_stride, key_scales.stride(0))
+        threads = torch.get_num_threads()
+        self._library.attention(*pointers, len(exp), scratch.data_ptr(), out.data_ptr(), *sizes, threads)
         return out
 
-    def mix(self, weights: torch.Tensor, values: torch.Tensor, length: int) -> torch.Tensor:
-        """``weights`` (N, G, length) int32 times ``values[:, :length]`` -> (N, G, hd) int32."""
-        n, stride = self._rows(values)
-        weights = weights.contiguous()
-        hd = values.shape[2]
-        out = torch.empty(n, weights.shape[1], hd, dtype=torch.int32)
-        sizes = (n, weights.shape[1], hd, length, stride)
-        pointers = (weights.data_ptr(), values.data_ptr(), out.data_ptr())
-        self._library.attention_mix(*pointers, *sizes, torch.get_num_threads())
+    def combine_products(
+        self, parts: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``ExactWeight``'s float32 output (M, N) from the (2M, N) int32 products (high bytes first), the
+        (M, 1) row scales, (N,) scales and bias (or None)."""
+        rows, cols = parts.shape[0] // 2, parts.shape[1]
+        parts, row_scale = parts.contiguous(), row_scale.contiguous()
+        out = torch.empty(rows, cols)
+        pointers = [t.data_ptr() if t is not None else None for t in (parts, row_scale, scale, bias, out)]
+        self._library.combine_products(*pointers, rows, cols, torch.get_num_threads())
         return out
+
+    def activation(self, x: torch.Tensor, up: torch.Tensor | None, grid: float, table: torch.Tensor) -> torch.Tensor:
+        """``ExactTransformer._activation`` of ``x`` (M, C) float32 (times ``up``, same shape and row stride,
+        when given) with ``table`` on a 1/``grid`` grid -> (M, C) contiguous."""
+        if x.stride(1) != 1 or (up is not None and up.stride() != x.stride()):
+            raise ValueError("activation inputs need contiguous rows with one stride")
+        rows, cols = x.shape
+        out = torch.empty(rows, cols)
+        limit = (len(table) - 1) // 2
+        up_pointer = up.data_ptr() if up is not None else None
+        arguments = (x.data_ptr(), up_pointer, x.stride(0), grid, table.data_ptr(), limit, out.data_ptr(), rows, cols)
+        self._library.activation(*arguments, torch.get_num_threads())
+        return out
+
+    def frequency_tables(
+        self, logits: torch.Tensor, grid: float, exp: torch.Tensor, budget: float, extra: int
+    ) -> torch.Tensor:
+        """``coder.frequencies.frequency_tables`` of contiguous float32 ``logits`` (B, V) with the float64
+        ``exp`` table -> (B, V + extra) float64."""
+        rows, vocab = logits.shape
+        freq = torch.empty(rows, vocab + extra, dtype=torch.float64)
+        pointers = (logits.data_ptr(), grid, exp.data_ptr(), len(exp), budget, freq.data_ptr())
+        self._library.frequency_tables(*pointers, rows, vocab, vocab + extra, torch.get_num_threads())
+        return freq
 
     def quantize_rows(self, x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``integer_ops.quantize_rows`` of a contiguous float32 ``x`` (..., C): the integers (float32) and

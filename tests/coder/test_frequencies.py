@@ -1,10 +1,18 @@
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from llmpipe.coder.frequencies import FREQ_BITS, code_positions, find_symbols, frequency_tables
+from llmpipe.coder.frequencies import (
+    FREQ_BITS,
+    code_positions,
+    find_symbols,
+    frequency_tables,
+    frequency_tables_torch,
+)
+from llmpipe.engine.native import kernels_for
 
 
 @settings(max_examples=100, deadline=None)
@@ -20,6 +28,25 @@ def test_every_symbol_codable_and_total_bounded(logits, extra):
     assert (freq.sum(axis=1) <= 1 << FREQ_BITS).all()
     assert (freq.sum(axis=1) > (1 << FREQ_BITS) - logits.shape[1] - extra - logits.shape[1]).all()  # little waste
     assert (freq[:, logits.shape[1] :] == 1).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 9),
+    st.integers(2, 3000),
+    st.sampled_from([0.01, 1.0, 30.0, 1e4]),
+    st.integers(0, 256),
+)
+def test_the_compiled_tables_are_torchs(seed, rows, vocab, spread, extra):
+    """The compiled kernel (where this machine has one) against the torch operations: halves of the
+    1/256 grid, logits far below the maximum (clamped to the table's 0), ties for the maximum."""
+    if kernels_for(torch.device("cpu")) is None:
+        pytest.skip("no compiled kernels here (no C compiler): only the torch path runs")
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * spread
+    logits[0, : vocab // 2] = (torch.arange(vocab // 2) + 0.5) / 256  # exact halves of the grid
+    logits[-1, -1] = logits[-1].max()
+    assert torch.equal(frequency_tables(logits, extra), frequency_tables_torch(logits, extra))
 
 
 def test_frequencies_follow_the_softmax():

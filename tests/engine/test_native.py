@@ -1,16 +1,24 @@
-"""The compiled attention kernels: int64 arithmetic's answers on strided cache views, and the same logits
-as the torch path in every decoding step."""
+"""The compiled kernels: the torch path's bits for each one (attention on strided cache views, the matmul
+output, the activation, quantising and splitting), and the same logits in every decoding step."""
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmpipe.engine import native
-from llmpipe.engine.exact_transformer import ExactTransformer, prepare_exact_weights
-from llmpipe.engine.integer_ops import ACT_MAX, quantize_rows, quantize_rows_torch, split_bytes, split_bytes_int8
+from llmpipe.engine import native, tables
+from llmpipe.engine.exact_transformer import ExactKVCache, ExactTransformer, prepare_exact_weights
+from llmpipe.engine.integer_ops import (
+    ACT_MAX,
+    lookup,
+    quantize_rows,
+    quantize_rows_torch,
+    split_bytes,
+    split_bytes_int8,
+)
 from tests.conftest import ARCHITECTURES
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the torch path runs")
@@ -23,31 +31,114 @@ def kernels() -> native.Kernels:
     return found
 
 
+@pytest.fixture(scope="module")
+def transformer(tiny_model) -> ExactTransformer:
+    """A tiny model's exact transformer: its torch attention path is the reference (it reads only its
+    device and exp table, so any head shapes can be put through it)."""
+    return ExactTransformer(tiny_model.config, prepare_exact_weights(tiny_model.config, tiny_model.weights))
+
+
 @needs_compiler
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     seed=st.integers(0, 2**32 - 1),
-    rows=st.integers(1, 7),
-    group=st.integers(1, 5),
-    hd=st.sampled_from([8, 32, 64, 80]),
-    length=st.integers(1, 70),
+    rows=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 4),
+    hd=st.sampled_from([8, 16, 32, 64, 80, 128]),
+    length=st.integers(1, 80),
+    queries=st.integers(1, 16),
     extreme=st.booleans(),
 )
-def test_kernels_give_exact_integer_products_on_cache_slices(kernels, seed, rows, group, hd, length, extreme):
+def test_attention_gives_the_torch_paths_bits(
+    kernels, transformer, seed, rows, kv_heads, group, hd, length, queries, extreme
+):
+    """The fused attention against ``_attention_torch`` on the second layer of a longer cache (strided
+    views), one to sixteen queries, lengths across the 16-position blocks, every magnitude the bounds allow."""
+    queries = min(queries, length)
+    shape = replace(transformer.config, num_hidden_layers=2, num_key_value_heads=kv_heads, head_dim=hd)
+    cache = ExactKVCache(shape, rows + 1, length + 7, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
-    capacity = length + 5  # a slice of a longer cache: rows lie capacity * hd apart
-    cache = torch.randint(-127, 128, (rows + 1, capacity, hd), generator=generator, dtype=torch.int8)[1:]
-    q = torch.randint(-32639, 32640, (rows, group, hd), generator=generator, dtype=torch.int16)
-    weights = torch.randint(0, 2**15 // length + 1, (rows, group, length), generator=generator, dtype=torch.int32)
-    if extreme:  # the largest magnitudes the bounds allow
-        cache[:] = -127
-        q[:] = 32639
-        weights[:] = 0
-        weights[..., 0] = 2**15
-    wide = cache[:, :length].to(torch.int64)
-    scores = kernels.scores(q, cache, length)
-    assert torch.equal(scores.to(torch.int64), q.to(torch.int64) @ wide.transpose(1, 2))
-    assert torch.equal(kernels.mix(weights, cache, length).to(torch.int64), weights.to(torch.int64) @ wide)
+    for cached in (cache.keys, cache.values):
+        cached.copy_(torch.randint(-127, 128, cached.shape, generator=generator, dtype=torch.int8))
+    for scales in (cache.key_scales, cache.value_scales):  # from 2^-12 to 2^3
+        scales.copy_(torch.rand(scales.shape, generator=generator) * torch.exp2(torch.randint(-12, 4, scales.shape)))
+    qq = torch.randint(-ACT_MAX, ACT_MAX + 1, (rows, kv_heads, group, queries, hd), generator=generator).float()
+    qs = torch.rand(rows, kv_heads, group, queries, generator=generator) * 2e-3
+    if extreme:  # largest dot products, and one position taking all the weight (w = 2^15)
+        cache.keys[1] = -127
+        cache.values[1] = 127
+        qq[:] = ACT_MAX
+        cache.value_scales[1, :, :, 0] = 16.0
+    expected = transformer._attention_torch(qq, qs, cache, 1, length - queries)
+    cached = tuple(x[1, :rows].flatten(0, 1) for x in (cache.keys, cache.values, cache.key_scales, cache.value_scales))
+    queries_int = qq.to(torch.int16).reshape(rows * kv_heads, group, queries, hd)
+    got = kernels.attention(
+        queries_int, qs.reshape(rows * kv_heads, group, queries), cached, transformer.attention_exp, length
+    )
+    assert torch.equal(got.view_as(expected), expected)
+
+
+def test_a_disagreeing_attention_kernel_is_not_used(tiny_model, kernels, monkeypatch):
+    """The per-model check (extreme values, one and five queries) catches an attention off by one unit."""
+    right = type(kernels).attention
+
+    def off_by_one_ulp(self, *arguments):
+        out = right(self, *arguments)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    monkeypatch.setattr(type(kernels), "attention", off_by_one_ulp)
+    model = ExactTransformer(tiny_model.config, prepare_exact_weights(tiny_model.config, tiny_model.weights))
+    assert model.kernels is kernels and model.attention_kernels is None
+
+
+@needs_compiler
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 40),
+    columns=st.integers(1, 300),
+    exponent=st.integers(-20, 20),
+    bias=st.booleans(),
+)
+def test_combining_products_gives_the_torch_paths_bits(kernels, seed, rows, columns, exponent, bias):
+    """``ExactWeight``'s output from the two int32 products, up to the int32 extremes (rounded to float32)."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = torch.randint(-(2**31), 2**31, (2 * rows, columns), generator=generator, dtype=torch.int32)
+    row_scale = torch.rand(rows, 1, generator=generator) * 2.0**exponent
+    scale = torch.rand(columns, generator=generator) * 2.0**-exponent
+    bias_values = torch.randn(columns, generator=generator) if bias else None
+    expected = parts[:rows].float().mul_(256.0).add_(parts[rows:].float()).mul_(row_scale).mul_(scale)
+    if bias_values is not None:
+        expected = expected.add_(bias_values)
+    assert torch.equal(kernels.combine_products(parts, row_scale, scale, bias_values), expected)
+
+
+@needs_compiler
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 40),
+    columns=st.integers(1, 300),
+    name=st.sampled_from(sorted(tables.ACTIVATION_LIMITS)),
+    gated=st.booleans(),
+)
+def test_activation_gives_the_torch_paths_bits(kernels, transformer, seed, rows, columns, name, gated):
+    """The table activation (times the gate's other half) on inputs across and past the table's range,
+    halves of the grid included, read from the halves of one (rows, 2 * columns) tensor as the MLP does."""
+    generator = torch.Generator().manual_seed(seed)
+    both = torch.randn(rows, 2 * columns, generator=generator) * 12
+    both[0, : columns // 2] = (torch.arange(columns // 2) - columns // 4 + 0.5) / tables.ACTIVATION_GRID
+    x, up = both[:, :columns], both[:, columns:]
+    table = torch.from_numpy(tables.activation_table(name))
+    limit = (len(table) - 1) // 2
+    steps = torch.round(x * float(tables.ACTIVATION_GRID))
+    looked_up = lookup(table, steps.clamp(-limit, limit).add_(limit))
+    expected = torch.where(steps >= limit, x, torch.where(steps <= -limit, 0.0, looked_up))
+    if gated:
+        expected = expected * up
+    got = kernels.activation(x, up if gated else None, tables.ACTIVATION_GRID, table)
+    assert torch.equal(got, expected)
 
 
 @needs_compiler
