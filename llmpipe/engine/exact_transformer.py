@@ -202,6 +202,9 @@ def _rms_norm_quantize(x: torch.Tensor, eps: float) -> NormedRows:
     different scale, so only the scale carries the norm:
     ``rms^2 = scale^2 * sum(q^2) / C + eps`` with the exact integer sum.
     """
+    kernels = kernels_for(x.device)
+    if kernels is not None and x.dtype == torch.float32 and x.shape[0]:  # one pass of the compiled kernel, same bits
+        return NormedRows(*kernels.rms_norm_quantize(x.contiguous(), ACT_MAX, eps), None)
     q, scale = quantize_rows(x, ACT_MAX)
     scale64 = scale.to(torch.float64)
     squares = (q.to(torch.float64) ** 2).sum(dim=-1, keepdim=True)  # integers < C * 2^30: exact
@@ -328,11 +331,11 @@ class ExactTransformer:
             cache.length = cache.start = held
         return cache
 
-    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate the first ``rotary_dim`` dims of each head; x: (B, T, heads, hd) float32."""
-        t, dim = x.shape[1], self.config.rotary_dim
-        cos = self.rope_cos[start : start + t, None, :]  # (T, 1, rotary_dim)
-        sin = self.rope_sin[start : start + t, None, :]
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first ``rotary_dim`` dims of each head; x: (B, T, heads, hd) float32, ``cos`` and
+        ``sin`` the tables' rows (T, rotary_dim) of its positions."""
+        dim = self.config.rotary_dim
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, rotary_dim)
         part = x[..., :dim]  # all of x for Llama
         rotated = torch.cat([-part[..., dim // 2 :], part[..., : dim // 2]], dim=-1)
         turned = part * cos + rotated * sin
@@ -345,35 +348,39 @@ class ExactTransformer:
         table = lookup(self.activation_table, steps.clamp(-limit, limit).add_(limit))
         return torch.where(steps >= limit, g, torch.where(steps <= -limit, 0.0, table))
 
-    def _attention(self, q, k, v, cache: ExactKVCache, layer: int, start: int) -> torch.Tensor:
-        """q: (B, T, H, hd), k and v: (B, T, KV, hd) float32 -> (B, T, H * hd)."""
-        b, t, heads, hd = q.shape
-        kv_heads = self.config.num_key_value_heads
+    def _attention(self, qkv: torch.Tensor, shape: tuple[int, int], cache: ExactKVCache, layer: int) -> torch.Tensor:
+        """The qkv matmul's output (B * T, (H + 2 KV) hd) for ``shape`` = (B, T) tokens after the cache's
+        ``length`` positions -> (B * T, H * hd): RoPE, quantisation, the cache's new keys and values, attention."""
+        cfg = self.config
+        (b, t), start = shape, cache.length
+        heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         group = heads // kv_heads
         end = start + t
-        kq, ks = quantize_rows(k, KV_MAX)  # per token and head
-        vq, vs = quantize_rows(v, KV_MAX)
-        cache.keys[layer, :b, :, start:end] = kq.transpose(1, 2)  # integers in [-127, 127]: exact as int8
-        cache.values[layer, :b, :, start:end] = vq.transpose(1, 2)
-        cache.key_scales[layer, :b, :, start:end] = ks[..., 0].transpose(1, 2)
-        cache.value_scales[layer, :b, :, start:end] = vs[..., 0].transpose(1, 2)
-        qq, qs = quantize_rows(q, ACT_MAX)  # (B, T, H, hd), (B, T, H, 1)
-        qq = qq.view(b, t, kv_heads, group, hd).permute(0, 2, 3, 1, 4)  # (B, KV, G, T, hd)
-        qs = qs.view(b, t, kv_heads, group).permute(0, 2, 3, 1) * self.score_factor  # includes x64
+        rope = None if cfg.positions != "rope" else (self.rope_cos[start:end], self.rope_sin[start:end])
         if self.attention_kernels is not None and t <= NATIVE_MAX_QUERIES:
-            cached = (
-                cache.keys[layer, :b].flatten(0, 1),  # (B * KV, T, hd) int8: views of the cache itself
-                cache.values[layer, :b].flatten(0, 1),
-                cache.key_scales[layer, :b].flatten(0, 1),  # (B * KV, T)
-                cache.value_scales[layer, :b].flatten(0, 1),
-            )
-            queries = qq.to(torch.int16).reshape(b * kv_heads, group, t, hd)
-            out = self.attention_kernels.attention(
-                queries, qs.reshape(b * kv_heads, group, t), cached, self.attention_exp, end
-            )
+            planes = (cache.keys[layer], cache.values[layer], cache.key_scales[layer], cache.value_scales[layer])
+            limits, factor = (ACT_MAX, KV_MAX), float(self.score_factor)
+            qq, qs = self.kernels.prepare_qkv(qkv, (b, t, heads, kv_heads, hd), rope, factor, limits, planes, start)
+            cached = tuple(x[:b].flatten(0, 1) for x in planes)  # (B * KV, T, ...): views of the cache itself
+            queries, scales = qq.view(b * kv_heads, group, t, hd), qs.view(b * kv_heads, group, t)
+            out = self.attention_kernels.attention(queries, scales, cached, self.attention_exp, end)
         else:
+            q = qkv[:, : heads * hd].view(b, t, heads, hd)
+            k = qkv[:, heads * hd : (heads + kv_heads) * hd].view(b, t, kv_heads, hd)
+            v = qkv[:, (heads + kv_heads) * hd :].view(b, t, kv_heads, hd)
+            if rope is not None:
+                q, k = self._rope(q, *rope), self._rope(k, *rope)
+            kq, ks = quantize_rows(k, KV_MAX)  # per token and head
+            vq, vs = quantize_rows(v, KV_MAX)
+            cache.keys[layer, :b, :, start:end] = kq.transpose(1, 2)  # integers in [-127, 127]: exact as int8
+            cache.values[layer, :b, :, start:end] = vq.transpose(1, 2)
+            cache.key_scales[layer, :b, :, start:end] = ks[..., 0].transpose(1, 2)
+            cache.value_scales[layer, :b, :, start:end] = vs[..., 0].transpose(1, 2)
+            qq, qs = quantize_rows(q, ACT_MAX)  # (B, T, H, hd), (B, T, H, 1)
+            qq = qq.view(b, t, kv_heads, group, hd).permute(0, 2, 3, 1, 4)  # (B, KV, G, T, hd)
+            qs = qs.view(b, t, kv_heads, group).permute(0, 2, 3, 1) * self.score_factor  # includes x64
             out = self._attention_torch(qq, qs, cache, layer, start)
-        return out.view(b, kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
+        return out.view(b, kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b * t, heads * hd)
 
     def _attention_torch(self, qq, qs, cache: ExactKVCache, layer: int, start: int) -> torch.Tensor:
         """Integer queries ``qq`` (B, KV, G, T, hd) with scales ``qs`` (B, KV, G, T) over the cache's first
@@ -435,20 +442,13 @@ class ExactTransformer:
         cfg = self.config
         b, t, _ = x.shape
         start = cache.length
-        heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         eps = cfg.norm_eps
         if self.positions is not None:
             x = x + self.positions[start : start + t]
         x = x.reshape(b * t, cfg.hidden_size)
         for i, layer in enumerate(self.layers):
-            qkv = layer["qkv"](*self.norm(x, eps))
-            q = qkv[:, : heads * hd].view(b, t, heads, hd)
-            k = qkv[:, heads * hd : (heads + kv_heads) * hd].view(b, t, kv_heads, hd)
-            v = qkv[:, (heads + kv_heads) * hd :].view(b, t, kv_heads, hd)
-            if cfg.positions == "rope":
-                q, k = self._rope(q, start), self._rope(k, start)
-            attn = self._attention(q, k, v, cache, i, start)
-            attn = layer["o"](*quantize_rows(attn.reshape(b * t, heads * hd), ACT_MAX))
+            attn = self._attention(layer["qkv"](*self.norm(x, eps)), (b, t), cache, i)
+            attn = layer["o"](*quantize_rows(attn, ACT_MAX))
             if cfg.parallel_residual:
                 x = x + attn + self._mlp(layer, self.norm(x, eps))
             else:

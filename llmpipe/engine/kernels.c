@@ -19,30 +19,38 @@
 
 #define MAX_HEAD_DIM 512 /* the scores bound below allows head_dim <= 518 */
 
+/* max |x| over n floats, on the bit patterns: for non-negative floats they order as unsigned integers,
+ * and an integer max vectorises; any NaN pattern is above infinity's, so the result is NaN as in torch */
+static inline float max_magnitude(const float *x, int64_t n) {
+    const uint32_t *bits = (const uint32_t *)x;
+    uint32_t top = 0;
+    for (int64_t c = 0; c < n; c++) {
+        const uint32_t magnitude = bits[c] & 0x7fffffffu;
+        top = magnitude > top ? magnitude : top;
+    }
+    float amax;
+    memcpy(&amax, &top, sizeof amax);
+    return amax;
+}
+
+/* One row of quantize_rows (below) into float32 q; returns amax. */
+static inline float quantize_row(const float *x, float *q, int64_t n, float qmax) {
+    const float amax = max_magnitude(x, n);
+    const float inverse = amax > 0.0f ? qmax / amax : 0.0f;
+    for (int64_t c = 0; c < n; c++) {
+        const float v = nearbyintf(x[c] * inverse);
+        q[c] = v < -qmax ? -qmax : (v > qmax ? qmax : v);
+    }
+    return amax;
+}
+
 /* integer_ops.quantize_rows for float32 (rows, cols): amax = max |x| per row (NaN if any is NaN),
  * inverse = qmax / amax (0 for an all-zero row), q = clamp(round_half_even(x * inverse), -qmax, qmax).
  * (A NaN amax here keeps its payload where torch's may differ; no finite input gives one.) */
 void quantize_rows(const float *x, float *q, float *amax_out, int64_t rows, int64_t cols, float qmax, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * cols;
-        float *qr = q + r * cols;
-        /* max |x| on the bit patterns: for non-negative floats they order as unsigned integers, and an
-         * integer max vectorises; any NaN pattern is above infinity's, so the result is NaN as in torch */
-        const uint32_t *bits = (const uint32_t *)xr;
-        uint32_t top = 0;
-        for (int64_t c = 0; c < cols; c++) {
-            const uint32_t magnitude = bits[c] & 0x7fffffffu;
-            top = magnitude > top ? magnitude : top;
-        }
-        float amax;
-        memcpy(&amax, &top, sizeof amax);
-        const float inverse = amax > 0.0f ? qmax / amax : 0.0f;
-        for (int64_t c = 0; c < cols; c++) {
-            const float v = nearbyintf(xr[c] * inverse);
-            qr[c] = v < -qmax ? -qmax : (v > qmax ? qmax : v);
-        }
-        amax_out[r] = amax;
+        amax_out[r] = quantize_row(x + r * cols, q + r * cols, cols, qmax);
     }
 }
 
@@ -314,5 +322,76 @@ void frequency_tables(const float *logits, float grid, const double *exp, int64_
         const double share = budget / total;
         for (int64_t v = 0; v < vocab; v++) f[v] = 1.0 + floor(f[v] * share);
         for (int64_t v = vocab; v < width; v++) f[v] = 1.0;
+    }
+}
+
+/* exact_transformer._rms_norm_quantize: q and amax as quantize_rows (qmax = ACT_MAX), then with
+ * scale = amax * (float)(1 / qmax) and the exact integer sum of squares S (below C 2^30 < 2^53):
+ * row_scale = (float)((double)scale / sqrt(((S * scale) * scale) * (1 / C) + eps)), as float64
+ * operations in the torch path's order (its reciprocal of the root is the same one division). */
+void rms_norm_quantize(const float *x, float *q, float *row_scale, int64_t rows, int64_t cols, float qmax, double eps,
+                       int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        float *qr = q + r * cols;
+        const float amax = quantize_row(x + r * cols, qr, cols, qmax);
+        double squares = 0.0;
+        for (int64_t c = 0; c < cols; c++) squares += (double)qr[c] * (double)qr[c];
+        const double scale = (double)(amax * (float)(1.0 / qmax));
+        const double mean_square = squares * scale * scale * (1.0 / (double)cols) + eps;
+        row_scale[r] = (float)(scale * (1.0 / sqrt(mean_square)));
+    }
+}
+
+/* Rotate one head (exact_transformer._rope): for d < rotary, x_d cos_d + r_d sin_d with r the first
+ * half's negated second half then the first half; dims past `rotary` unchanged. */
+static inline void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t hd, int64_t rotary) {
+    const int64_t half = rotary / 2;
+    for (int64_t d = 0; d < rotary; d++) {
+        const float turned = d < half ? -x[d + half] : x[d - half];
+        out[d] = x[d] * cos[d] + turned * sin[d];
+    }
+    for (int64_t d = rotary; d < hd; d++) out[d] = x[d];
+}
+
+/* The qkv matmul's output for a decoding step or short pass, made ready for `attention`: per token m =
+ * (b, t) (rows qkv_stride apart: H query heads, then KV key heads, then KV value heads, hd each), RoPE
+ * on queries and keys (`rotary` dims, cos/sin rows from position `start`, rotary 0: none), then per head
+ * quantize_rows: queries to int16 (act_max) into q_out (B, KV, G, T, hd) with q_scale (B, KV, G, T) =
+ * (amax * (float)(1 / act_max)) * score_factor; keys and values to int8 (kv_max) into the cache layer
+ * planes (B', KV, capacity, hd) at position start + t, scales (B', KV, capacity) amax * (float)(1 / kv_max). */
+void prepare_qkv(const float *qkv, int64_t qkv_stride, int64_t batch, int64_t tokens, int64_t heads, int64_t kv_heads,
+                 int64_t hd, int64_t rotary, const float *cos, const float *sin, float score_factor, float act_max,
+                 float kv_max, int16_t *q_out, float *q_scale, int8_t *keys, int8_t *values, float *key_scales,
+                 float *value_scales, int64_t capacity, int64_t start, int threads) {
+    const int64_t group = heads / kv_heads, all = heads + 2 * kv_heads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (batch * tokens * all * hd >= PARALLEL_MIN)
+    for (int64_t m = 0; m < batch * tokens; m++) {
+        const int64_t b = m / tokens, t = m % tokens;
+        const float *row = qkv + m * qkv_stride;
+        const float *c = cos + t * rotary, *s = sin + t * rotary;
+        float turned[MAX_HEAD_DIM], quantised[MAX_HEAD_DIM];
+        for (int64_t h = 0; h < all; h++) {
+            const float *x = row + h * hd;
+            if (h < heads + kv_heads && rotary > 0) {
+                rotate(x, c, s, turned, hd, rotary);
+                x = turned;
+            }
+            const float qmax = h < heads ? act_max : kv_max;
+            const float amax = quantize_row(x, quantised, hd, qmax);
+            const float scale = amax * (float)(1.0 / qmax);
+            if (h < heads) {
+                const int64_t at = ((b * kv_heads + h / group) * group + h % group) * tokens + t;
+                for (int64_t d = 0; d < hd; d++) q_out[at * hd + d] = (int16_t)quantised[d];
+                q_scale[at] = scale * score_factor;
+            } else {
+                const int is_key = h < heads + kv_heads;
+                const int64_t j = is_key ? h - heads : h - heads - kv_heads;
+                const int64_t at = (b * kv_heads + j) * capacity + start + t;
+                int8_t *plane = is_key ? keys : values;
+                for (int64_t d = 0; d < hd; d++) plane[at * hd + d] = (int8_t)quantised[d];
+                (is_key ? key_scales : value_scales)[at] = scale;
+            }
+        }
     }
 }

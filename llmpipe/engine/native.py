@@ -100,6 +100,14 @@ class Kernels:
             "split_bytes": [pointer] * 2 + [_INT64] * 2 + [count],
             "attention": [pointer] * 7 + [_INT64] + [pointer] * 2 + [_INT64] * 7 + [count],
             "combine_products": [pointer] * 5 + [_INT64] * 2 + [count],
+            "rms_norm_quantize": [pointer] * 3 + [_INT64] * 2 + [ctypes.c_float, ctypes.c_double, count],
+            "prepare_qkv": [pointer]
+            + [_INT64] * 7
+            + [pointer] * 2
+            + [ctypes.c_float] * 3
+            + [pointer] * 6
+            + [_INT64] * 2
+            + [count],
             "activation": [pointer] * 2 + [_INT64, ctypes.c_float, pointer, _INT64, pointer] + [_INT64] * 2 + [count],
             "frequency_tables": [pointer, ctypes.c_float, pointer, _INT64, ctypes.c_double, pointer]
             + [_INT64] * 3
@@ -143,6 +151,55 @@ class Kernels:
         threads = torch.get_num_threads()
         self._library.attention(*pointers, len(exp), scratch.data_ptr(), out.data_ptr(), *sizes, threads)
         return out
+
+    def rms_norm_quantize(self, x: torch.Tensor, qmax: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``exact_transformer._rms_norm_quantize`` of a contiguous float32 ``x`` (M, C): the integers
+        (float32) and the (M, 1) row scales."""
+        q = torch.empty_like(x)
+        row_scale = torch.empty(x.shape[0], 1)
+        arguments = (x.data_ptr(), q.data_ptr(), row_scale.data_ptr(), x.shape[0], x.shape[1], qmax, eps)
+        self._library.rms_norm_quantize(*arguments, torch.get_num_threads())
+        return q, row_scale
+
+    def prepare_qkv(
+        self,
+        qkv: torch.Tensor,
+        shape: tuple[int, int, int, int, int],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        score_factor: float,
+        limits: tuple[int, int],
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        start: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The qkv matmul's output (B * T, (H + 2 KV) hd), ``shape`` = (B, T, H, KV, hd), rotated (``rope``:
+        the cos and sin rows from position ``start``, (T, rotary) each, or None) and quantised to the
+        ``limits`` (queries, keys and values): returns the queries (B, KV, G, T, hd) int16 and their
+        scales times ``score_factor`` (B, KV, G, T); writes keys and values into ``cache`` (one layer's
+        keys, values (B', KV, capacity, hd) int8 and their scales (B', KV, capacity)) at ``start``."""
+        b, t, heads, kv_heads, hd = shape
+        keys, values, key_scales, value_scales = cache
+        if qkv.stride(1) != 1 or not all(x.is_contiguous() for x in cache):
+            raise ValueError("prepare_qkv needs rows of contiguous heads and contiguous cache planes")
+        group = heads // kv_heads
+        q = torch.empty(b, kv_heads, group, t, hd, dtype=torch.int16)
+        q_scale = torch.empty(b, kv_heads, group, t)
+        cos, sin = (x.contiguous() for x in rope) if rope is not None else (q_scale, q_scale)  # unread if None
+        rotary = cos.shape[1] if rope is not None else 0
+        sizes = (qkv.stride(0), b, t, heads, kv_heads, hd, rotary)
+        outputs = (q, q_scale, keys, values, key_scales, value_scales)
+        self._library.prepare_qkv(
+            qkv.data_ptr(),
+            *sizes,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            score_factor,
+            *limits,
+            *(x.data_ptr() for x in outputs),
+            keys.shape[2],
+            start,
+            torch.get_num_threads(),
+        )
+        return q, q_scale
 
     def combine_products(
         self, parts: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
