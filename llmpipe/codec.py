@@ -25,11 +25,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from llmpipe.coder.frequencies import code_positions, find_symbols
+from llmpipe.coder.frequencies import code_positions
 from llmpipe.coder.range_coder import RangeDecoder, RangeEncoder
 from llmpipe.engine.memory import HISTORY_SYMBOLS, check_history_budget
 from llmpipe.format.container import MAX_CONTEXT
-from llmpipe.mixer import RowHistory, learn_step, mix_step, mix_tables, predict_step
+from llmpipe.mixer import RowHistory, decode_symbols, learn_step, mix_step, predict_step, row_totals
 from llmpipe.tokenization import ByteTokenizer
 
 
@@ -179,14 +179,13 @@ class LlmCoder:
             def targets_for(totals: list[int], live: list[int] = live) -> list[int]:
                 return [decoders[r].target(total) for r, total in zip(live, totals, strict=True)]
 
-            table = freq[live]  # a copy: mixing it in place leaves freq for the update
+            predictions = None
             if histories:
                 live_histories = [histories[r] for r in live]
-                predictions = predict_step(table, live_histories)
-                symbols, starts, sizes = find_symbols(mix_tables(table, predictions), targets_for)
-                learn_step(live_histories, predictions, symbols, freq[live, symbols].tolist())
-            else:
-                symbols, starts, sizes = find_symbols(table, targets_for)
+                predictions = predict_step(row_totals(freq, live), live_histories)
+            symbols, starts, sizes, lm_sizes = decode_symbols(freq, live, predictions, targets_for)
+            if histories:
+                learn_step(live_histories, predictions, symbols, lm_sizes)
             for r, symbol, start, size in zip(live, symbols, starts, sizes, strict=True):
                 decoders[r].consume(start, size)
                 sequences[r].append(symbol)

@@ -25,10 +25,13 @@ an archive stays as portable as its engine.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from llmpipe.coder.frequencies import find_symbols
+from llmpipe.engine.native import kernels_for
 from llmpipe.errors import ArchiveError
 
 NAME = "ngram-match"
@@ -160,14 +163,47 @@ class RowHistory:
 
 def mix_step(freq: torch.Tensor, histories: list[RowHistory], symbols: list[int]) -> torch.Tensor:
     """Encoder side, one lockstep position of several rows: their mixed tables (``freq`` mixed in place)."""
-    predictions = predict_step(freq, histories)
+    predictions = predict_step(freq.sum(dim=1).tolist(), histories)
     learn_step(histories, predictions, symbols, lm_sizes(freq, symbols))
     return mix_tables(freq, predictions)
 
 
-def predict_step(freq: torch.Tensor, histories: list[RowHistory]) -> list[Prediction]:
-    """Every row's prediction for one lockstep position (``freq``: the LM tables)."""
-    return [h.predict(total) for h, total in zip(histories, freq.sum(dim=1).tolist(), strict=True)]
+def predict_step(totals: list[float], histories: list[RowHistory]) -> list[Prediction]:
+    """Every row's prediction for one lockstep position, given the totals of its LM table."""
+    return [h.predict(total) for h, total in zip(histories, totals, strict=True)]
+
+
+def row_totals(freq: torch.Tensor, rows: list[int]) -> list[float]:
+    """The totals of ``rows`` of the LM tables ``freq`` (in one pass of the compiled kernel where there is one)."""
+    kernels = kernels_for(freq.device)
+    if kernels is not None and freq.dtype == torch.float64:
+        return kernels.row_totals(freq, rows)
+    return freq[rows].sum(dim=1).tolist()
+
+
+def decode_symbols(
+    freq: torch.Tensor,
+    rows: list[int],
+    predictions: list[Prediction] | None,
+    targets_for: Callable[[list[int]], list[int]],
+) -> tuple[list[int], list[int], list[int], list[float]]:
+    """Decoder side, one lockstep position: a symbol for each of ``rows`` of the LM tables ``freq``, found
+    in the mixed tables of ``predictions`` (one per row; None: in the LM tables as they are).
+
+    Returns the symbols, their starts and sizes in the tables searched, and
+    their frequencies in the LM tables (what :func:`learn_step` needs).
+    ``targets_for`` is ``coder.frequencies.find_symbols``'s. With the compiled
+    kernels (``engine.native``) the mixed tables are never built: two passes
+    over ``freq`` give the same numbers as :func:`mix_tables` then ``find_symbols``.
+    """
+    kernels = kernels_for(freq.device)
+    if kernels is not None and freq.dtype == torch.float64:
+        weights = [1.0] * len(rows) if predictions is None else [p.lm_weight for p in predictions]
+        masses = [{}] * len(rows) if predictions is None else [p.masses for p in predictions]
+        return kernels.mixed_tables_search(freq, rows, weights, masses, targets_for)
+    table = freq[rows]  # a copy: mixing it in place leaves freq as it was
+    symbols, starts, sizes = find_symbols(table if predictions is None else mix_tables(table, predictions), targets_for)
+    return symbols, starts, sizes, freq[rows, symbols].tolist()
 
 
 def learn_step(

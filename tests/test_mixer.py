@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmpipe import mixer
-from llmpipe.coder.frequencies import FREQ_BITS
+from llmpipe.coder.frequencies import FREQ_BITS, code_positions
 from llmpipe.coder.range_coder import MAX_TOTAL
 from llmpipe.compressor import Compressor
 from llmpipe.decompressor import Decompressor
@@ -72,13 +72,49 @@ def test_lockstep_and_whole_run_give_identical_tables():
     histories = [RowHistory() for _ in rows]
     for step in range(150):
         table = torch.stack([t[step] for t in tables])
-        predictions = predict_step(table, histories)
+        predictions = predict_step(table.sum(dim=1).tolist(), histories)
         symbols = [s[step] for s in rows]
         sizes = lm_sizes(table, symbols)  # as the decoder does: the LM frequencies before mixing in place
         mixed = mix_tables(table, predictions)
         learn_step(histories, predictions, symbols, sizes)
         for r in range(3):
             assert torch.equal(mixed[r], whole[r][step])
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_decoder_finds_the_encoders_symbols(compiled, monkeypatch):
+    """``row_totals`` and ``decode_symbols`` (the decoder's two passes, compiled or in torch) on live rows of
+    a lockstep position give the totals, symbols, starts and sizes of the mixed tables the encoder codes
+    with, for targets at both ends of each symbol's interval; and the LM frequencies the update needs."""
+    if compiled and mixer.kernels_for(torch.device("cpu")) is None:
+        pytest.skip("no compiled kernels here (no C compiler)")
+    if not compiled:
+        monkeypatch.setattr(mixer, "kernels_for", lambda device: None)
+    rows = [np.random.default_rng(r).integers(0, 12, size=120).tolist() for r in range(4)]
+    tables = [lm_tables(120, 200 + r) for r in range(4)]
+    histories = [RowHistory() for _ in rows]
+    live = [0, 2, 3]  # row 1 has ended: the tables keep its row
+    for step in range(120):
+        freq = torch.stack([t[step] for t in tables])
+        totals = mixer.row_totals(freq, live)
+        assert totals == freq[live].sum(dim=1).tolist()
+        predictions = predict_step(totals, [histories[r] for r in live])
+        symbols = [rows[r][step] for r in live]
+        for mixture in (predictions, None):  # the mixed tables, and the LM tables as they are (no mixer)
+            table = freq[live] if mixture is None else mix_tables(freq[live], mixture)
+            starts, sizes, table_totals = code_positions(table, torch.tensor(symbols))
+            for end in (0, 1):  # the first and the last count of each interval
+                targets = [start + end * (size - 1) for start, size in zip(starts, sizes, strict=True)]
+                seen = []
+
+                def targets_for(totals: list[int], targets: list[int] = targets, seen: list = seen) -> list[int]:
+                    seen.extend(totals)
+                    return targets
+
+                found = mixer.decode_symbols(freq, live, mixture, targets_for)
+                assert found == (symbols, starts, sizes, freq[live, symbols].tolist())
+                assert seen == table_totals
+        learn_step([histories[r] for r in live], predictions, symbols, freq[live, symbols].tolist())
 
 
 def test_mixed_tables_are_pinned():

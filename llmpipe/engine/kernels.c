@@ -88,7 +88,7 @@ void split_bytes(const float *q, int8_t *out, int64_t rows, int64_t cols, int th
  *   out = float(sum_s w_s * value_s) * (common * 2^-15)      (|sum| <= 127 (2^15 + visible / 2) < 2^31) */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
-#define VECTOR_ATTENTION 1 /* hd a multiple of 32: 16 positions at a time in 512-bit registers */
+#define VECTOR_512 1 /* loops below also have 512-bit forms (attention: for hd a multiple of 32) */
 
 static inline __m512i multiply_add_pairs(__m512i sums, __m512i a, __m512i b) {
 #ifdef __AVX512VNNI__
@@ -120,7 +120,7 @@ static inline __attribute__((always_inline)) void query_scores(const int16_t *q,
                                                               const float *key_scales, float *scores, int64_t hd,
                                                               int64_t visible) {
     int64_t s = 0;
-#ifdef VECTOR_ATTENTION
+#ifdef VECTOR_512
     if (hd % 32 == 0) {
         const __m512 scale = _mm512_set1_ps(qscale);
         for (; s + 16 <= visible; s += 16) {
@@ -151,7 +151,7 @@ static void query_weights(float *scores, const float *value_scales, float common
                           int64_t table_len, int64_t visible) {
     float top = scores[0];
     int64_t s = 0;
-#ifdef VECTOR_ATTENTION
+#ifdef VECTOR_512
     __m512 tops = _mm512_set1_ps(top);
     for (; s + 16 <= visible; s += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(scores + s));
     top = _mm512_reduce_max_ps(tops); /* a maximum: the same in any order */
@@ -160,7 +160,7 @@ static void query_weights(float *scores, const float *value_scales, float common
     const float last = (float)(table_len - 1);
     double denominator = 0.0; /* integers below 2^15 each: exact in any order */
     s = 0;
-#ifdef VECTOR_ATTENTION
+#ifdef VECTOR_512
     const __m512 top16 = _mm512_set1_ps(top), last16 = _mm512_set1_ps(last);
     __m512d sums = _mm512_setzero_pd();
     for (; s + 16 <= visible; s += 16) {
@@ -183,7 +183,7 @@ static void query_weights(float *scores, const float *value_scales, float common
     const float factor = (float)(32768.0 / (denominator * (double)common));
     int32_t *weights = (int32_t *)scores; /* each e_s is read before its weight replaces it */
     s = 0;
-#ifdef VECTOR_ATTENTION
+#ifdef VECTOR_512
     const __m512 factor16 = _mm512_set1_ps(factor);
     for (; s + 16 <= visible; s += 16) {
         const __m512 w = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(scores + s), _mm512_loadu_ps(value_scales + s)),
@@ -196,7 +196,7 @@ static void query_weights(float *scores, const float *value_scales, float common
 
 static inline __attribute__((always_inline)) void query_mix(const int32_t *weights, const int8_t *values, float unit,
                                                            float *out, int64_t hd, int64_t visible) {
-#ifdef VECTOR_ATTENTION
+#ifdef VECTOR_512
     if (hd % 16 == 0 && hd <= 128) { /* at most eight registers of sums */
         __m512i sums[8];
         const int64_t parts = hd / 16;
@@ -310,18 +310,48 @@ void frequency_tables(const float *logits, float grid, const double *exp, int64_
         const float *l = logits + r * vocab;
         double *f = freq + r * width;
         float top = l[0];
-        for (int64_t v = 1; v < vocab; v++) top = l[v] > top ? l[v] : top;
+        int64_t v = 0;
+#ifdef VECTOR_512
+        __m512 tops = _mm512_set1_ps(top);
+        for (; v + 16 <= vocab; v += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(l + v));
+        top = _mm512_reduce_max_ps(tops); /* a maximum: the same in any order */
+#endif
+        for (; v < vocab; v++) top = l[v] > top ? l[v] : top;
         const float last = (float)(table_len - 1);
-        double total = 0.0;
-        for (int64_t v = 0; v < vocab; v++) {
+        double total = 0.0; /* integers below 2^53: exact in any order */
+        v = 0;
+#ifdef VECTOR_512
+        const __m512 top16 = _mm512_set1_ps(top), grid16 = _mm512_set1_ps(grid), last16 = _mm512_set1_ps(last);
+        __m512d sums = _mm512_setzero_pd();
+        for (; v + 16 <= vocab; v += 16) {
+            const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(top16, _mm512_loadu_ps(l + v)), grid16);
+            const __m512 step = _mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i index = _mm512_cvttps_epi32(_mm512_min_ps(step, last16));
+            const __m512d low = _mm512_i32gather_pd(_mm512_castsi512_si256(index), exp, 8);
+            const __m512d high = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(index, 1), exp, 8);
+            _mm512_storeu_pd(f + v, low);
+            _mm512_storeu_pd(f + v + 8, high);
+            sums = _mm512_add_pd(sums, _mm512_add_pd(low, high));
+        }
+        total = _mm512_reduce_add_pd(sums);
+#endif
+        for (; v < vocab; v++) {
             float step = nearbyintf((top - l[v]) * grid);
             step = step > last ? last : step;
             f[v] = exp[(int64_t)step];
             total += f[v];
         }
         const double share = budget / total;
-        for (int64_t v = 0; v < vocab; v++) f[v] = 1.0 + floor(f[v] * share);
-        for (int64_t v = vocab; v < width; v++) f[v] = 1.0;
+        v = 0;
+#ifdef VECTOR_512
+        const __m512d share8 = _mm512_set1_pd(share), one8 = _mm512_set1_pd(1.0);
+        for (; v + 8 <= vocab; v += 8) {
+            const __m512d product = _mm512_mul_pd(_mm512_loadu_pd(f + v), share8);
+            _mm512_storeu_pd(f + v, _mm512_add_pd(one8, _mm512_roundscale_pd(product, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)));
+        }
+#endif
+        for (; v < vocab; v++) f[v] = 1.0 + floor(f[v] * share);
+        for (v = vocab; v < width; v++) f[v] = 1.0;
     }
 }
 
@@ -393,5 +423,62 @@ void prepare_qkv(const float *qkv, int64_t qkv_stride, int64_t batch, int64_t to
                 (is_key ? key_scales : value_scales)[at] = scale;
             }
         }
+    }
+}
+
+/* The decoder's symbol search (coder.frequencies.find_symbols on mixer.mix_tables' output) without
+ * building the mixed tables: row i is row index[i] of the LM tables freq (., width), float64 integers;
+ * its mixed frequency of symbol v is m(v) = max(1, floor(F(v) * lm_weight[i])) + the masses of row i
+ * (mass_symbols[mass_start[i] .. mass_start[i + 1]), ascending, with mass_values), as mix_tables
+ * computes it (lm_weight 1 and no masses: the LM table itself). Every sum is of integers below 2^53, so
+ * exact in any order. mixed_totals: the rows' totals. find_mixed: for each row, the first symbol whose
+ * cumulative frequency exceeds targets[i] (searchsorted, right), its start and size, and its F. */
+static inline double mixed_frequency(double f, double weight) {
+    const double scaled = floor(f * weight);
+    return scaled < 1.0 ? 1.0 : scaled;
+}
+
+void mixed_totals(const double *freq, const int64_t *index, const double *lm_weight, const int64_t *mass_start,
+                  const double *mass_values, double *totals, int64_t rows, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const double *f = freq + index[i] * width;
+        const double w = lm_weight[i];
+        double sums[8] = {0.0}; /* independent chains; their sum is exact in any order */
+        int64_t v = 0;
+        for (; v + 8 <= width; v += 8)
+            for (int k = 0; k < 8; k++) sums[k] += mixed_frequency(f[v + k], w);
+        for (; v < width; v++) sums[0] += mixed_frequency(f[v], w);
+        for (int64_t j = mass_start[i]; j < mass_start[i + 1]; j++) sums[1] += mass_values[j];
+        double total = 0.0;
+        for (int k = 0; k < 8; k++) total += sums[k];
+        totals[i] = total;
+    }
+}
+
+void find_mixed(const double *freq, const int64_t *index, const double *lm_weight, const int64_t *mass_start,
+                const int64_t *mass_symbols, const double *mass_values, const double *targets, int64_t *symbols,
+                double *starts, double *sizes, double *lm_sizes, int64_t rows, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const double *f = freq + index[i] * width;
+        const double w = lm_weight[i], target = targets[i];
+        int64_t j = mass_start[i];
+        double below = 0.0, m = 0.0;
+        int64_t v = 0;
+        for (; v < width; v++) { /* targets lie below the total (the range decoder's target): it stops */
+            m = mixed_frequency(f[v], w);
+            if (j < mass_start[i + 1] && mass_symbols[j] == v) m += mass_values[j++];
+            if (below + m > target) break;
+            below += m;
+        }
+        if (v == width) { /* only for a target past the total: the last symbol, as a damaged stream may ask */
+            v = width - 1;
+            below -= m;
+        }
+        symbols[i] = v;
+        starts[i] = below;
+        sizes[i] = m;
+        lm_sizes[i] = f[v];
     }
 }

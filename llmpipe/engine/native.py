@@ -25,6 +25,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -109,6 +110,8 @@ class Kernels:
             + [_INT64] * 2
             + [count],
             "activation": [pointer] * 2 + [_INT64, ctypes.c_float, pointer, _INT64, pointer] + [_INT64] * 2 + [count],
+            "mixed_totals": [pointer] * 6 + [_INT64] * 2 + [count],
+            "find_mixed": [pointer] * 11 + [_INT64] * 2 + [count],
             "frequency_tables": [pointer, ctypes.c_float, pointer, _INT64, ctypes.c_double, pointer]
             + [_INT64] * 3
             + [count],
@@ -236,6 +239,49 @@ class Kernels:
         pointers = (logits.data_ptr(), grid, exp.data_ptr(), len(exp), budget, freq.data_ptr())
         self._library.frequency_tables(*pointers, rows, vocab, vocab + extra, torch.get_num_threads())
         return freq
+
+    def row_totals(self, freq: torch.Tensor, rows: list[int]) -> list[float]:
+        """The sums of ``rows`` of ``freq`` (B, V) float64 integers: ``mixed_totals`` unmixed."""
+        n, width = len(rows), freq.shape[1]
+        freq = freq.contiguous()
+        index = torch.tensor(rows, dtype=torch.int64)
+        weights, mass_start = torch.ones(n, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.int64)
+        totals = torch.empty(n, dtype=torch.float64)
+        pointers = (freq, index, weights, mass_start, weights, totals)  # no masses: their values are unread
+        self._library.mixed_totals(*(x.data_ptr() for x in pointers), n, width, torch.get_num_threads())
+        return totals.tolist()
+
+    def mixed_tables_search(
+        self,
+        freq: torch.Tensor,
+        rows: list[int],
+        lm_weights: list[float],
+        masses: list[dict[int, float]],
+        targets_for: Callable[[list[int]], list[int]],
+    ) -> tuple[list[int], list[int], list[int], list[float]]:
+        """``mixer.decode_symbols`` (which see) in two passes over ``freq`` (B, V) float64: the mixed rows'
+        totals, then, for the targets ``targets_for(totals)``, the symbols, their starts and sizes, and
+        their frequencies in ``freq``."""
+        n, width = len(rows), freq.shape[1]
+        freq = freq.contiguous()
+        index = torch.tensor(rows, dtype=torch.int64)
+        weights = torch.tensor(lm_weights, dtype=torch.float64)
+        ordered = [sorted(row.items()) for row in masses]
+        mass_start = torch.tensor([0] + [len(row) for row in ordered], dtype=torch.int64).cumsum(0)
+        mass_symbols = torch.tensor([v for row in ordered for v, _ in row] or [0], dtype=torch.int64)
+        mass_values = torch.tensor([m for row in ordered for _, m in row] or [0.0], dtype=torch.float64)
+        totals = torch.empty(n, dtype=torch.float64)
+        common = (freq.data_ptr(), index.data_ptr(), weights.data_ptr(), mass_start.data_ptr())
+        threads = torch.get_num_threads()
+        self._library.mixed_totals(*common, mass_values.data_ptr(), totals.data_ptr(), n, width, threads)
+        targets = torch.tensor(targets_for(totals.to(torch.int64).tolist()), dtype=torch.float64)
+        symbols = torch.empty(n, dtype=torch.int64)
+        found = torch.empty(3, n, dtype=torch.float64)  # starts, sizes, LM sizes
+        masses_at = (mass_symbols.data_ptr(), mass_values.data_ptr(), targets.data_ptr(), symbols.data_ptr())
+        starts, sizes, lm_sizes = (found[k].data_ptr() for k in range(3))
+        self._library.find_mixed(*common, *masses_at, starts, sizes, lm_sizes, n, width, threads)
+        whole = found[:2].to(torch.int64).tolist()
+        return symbols.tolist(), whole[0], whole[1], found[2].tolist()
 
     def quantize_rows(self, x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``integer_ops.quantize_rows`` of a contiguous float32 ``x`` (..., C): the integers (float32) and
