@@ -1,6 +1,7 @@
 """The compiled kernels: the torch path's bits for each one (attention on strided cache views, the matmul
 output, the activation, quantising and splitting), and the same logits in every decoding step."""
 
+import ctypes
 import shutil
 from dataclasses import replace
 
@@ -9,16 +10,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmpipe.coder.frequencies import _EXP, FREQ_BITS, LOGIT_GRID, find_symbols, frequency_tables_torch
 from llmpipe.engine import native, tables
 from llmpipe.engine.exact_transformer import ExactKVCache, ExactTransformer, prepare_exact_weights
 from llmpipe.engine.integer_ops import (
     ACT_MAX,
     lookup,
-    quantize_rows,
     quantize_rows_torch,
     split_bytes,
-    split_bytes_int8,
 )
+from llmpipe.mixer import Prediction, mix_tables
+from llmpipe.tokenization import ESCAPE_SYMBOLS
 from tests.conftest import ARCHITECTURES
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the torch path runs")
@@ -26,9 +28,24 @@ needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C com
 
 @pytest.fixture(scope="module")
 def kernels() -> native.Kernels:
+    """The kernels the engine uses here."""
     found = native.kernels_for(torch.device("cpu"))
     assert found is not None, "a C compiler is here, yet the kernels were not built or failed their check"
     return found
+
+
+PORTABLE = (*native.FLAGS, "-mno-avx512f")
+"""The same source without its 512-bit loops: what a CPU without AVX-512 (or another architecture) runs."""
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def built(request, kernels) -> native.Kernels:
+    """Each build of the kernels this machine can run: every kernel test runs on both."""
+    if request.param == "native":
+        return kernels
+    path = native._build(PORTABLE)
+    assert path is not None, "a C compiler is here, yet the portable build failed"
+    return native.Kernels(ctypes.CDLL(str(path)))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +68,7 @@ def transformer(tiny_model) -> ExactTransformer:
     extreme=st.booleans(),
 )
 def test_attention_gives_the_torch_paths_bits(
-    kernels, transformer, seed, rows, kv_heads, group, hd, length, queries, extreme
+    built, transformer, seed, rows, kv_heads, group, hd, length, queries, extreme
 ):
     """The fused attention against ``_attention_torch`` on the second layer of a longer cache (strided
     views), one to sixteen queries, lengths across the 16-position blocks, every magnitude the bounds allow."""
@@ -73,7 +90,7 @@ def test_attention_gives_the_torch_paths_bits(
     expected = transformer._attention_torch(qq, qs, cache, 1, length - queries)
     cached = tuple(x[1, :rows].flatten(0, 1) for x in (cache.keys, cache.values, cache.key_scales, cache.value_scales))
     queries_int = qq.to(torch.int16).reshape(rows * kv_heads, group, queries, hd)
-    got = kernels.attention(
+    got = built.attention(
         queries_int, qs.reshape(rows * kv_heads, group, queries), cached, transformer.attention_exp, length
     )
     assert torch.equal(got.view_as(expected), expected)
@@ -101,7 +118,7 @@ def test_a_disagreeing_attention_kernel_is_not_used(tiny_model, kernels, monkeyp
     exponent=st.integers(-20, 20),
     bias=st.booleans(),
 )
-def test_combining_products_gives_the_torch_paths_bits(kernels, seed, rows, columns, exponent, bias):
+def test_combining_products_gives_the_torch_paths_bits(built, seed, rows, columns, exponent, bias):
     """``ExactWeight``'s output from the two int32 products, up to the int32 extremes (rounded to float32)."""
     generator = torch.Generator().manual_seed(seed)
     parts = torch.randint(-(2**31), 2**31, (2 * rows, columns), generator=generator, dtype=torch.int32)
@@ -111,7 +128,7 @@ def test_combining_products_gives_the_torch_paths_bits(kernels, seed, rows, colu
     expected = parts[:rows].float().mul_(256.0).add_(parts[rows:].float()).mul_(row_scale).mul_(scale)
     if bias_values is not None:
         expected = expected.add_(bias_values)
-    assert torch.equal(kernels.combine_products(parts, row_scale, scale, bias_values), expected)
+    assert torch.equal(built.combine_products(parts, row_scale, scale, bias_values), expected)
 
 
 @needs_compiler
@@ -123,7 +140,7 @@ def test_combining_products_gives_the_torch_paths_bits(kernels, seed, rows, colu
     name=st.sampled_from(sorted(tables.ACTIVATION_LIMITS)),
     gated=st.booleans(),
 )
-def test_activation_gives_the_torch_paths_bits(kernels, transformer, seed, rows, columns, name, gated):
+def test_activation_gives_the_torch_paths_bits(built, seed, rows, columns, name, gated):
     """The table activation (times the gate's other half) on inputs across and past the table's range,
     halves of the grid included, read from the halves of one (rows, 2 * columns) tensor as the MLP does."""
     generator = torch.Generator().manual_seed(seed)
@@ -137,7 +154,7 @@ def test_activation_gives_the_torch_paths_bits(kernels, transformer, seed, rows,
     expected = torch.where(steps >= limit, x, torch.where(steps <= -limit, 0.0, looked_up))
     if gated:
         expected = expected * up
-    got = kernels.activation(x, up if gated else None, tables.ACTIVATION_GRID, table)
+    got = built.activation(x, up if gated else None, tables.ACTIVATION_GRID, table)
     assert torch.equal(got, expected)
 
 
@@ -151,7 +168,7 @@ def test_activation_gives_the_torch_paths_bits(kernels, transformer, seed, rows,
     qmax=st.sampled_from([127, ACT_MAX]),
     transposed=st.booleans(),
 )
-def test_quantising_and_splitting_give_torchs_bits(kernels, seed, rows, columns, exponent, qmax, transposed):
+def test_quantising_and_splitting_give_torchs_bits(built, seed, rows, columns, exponent, qmax, transposed):
     """The one-pass kernels against torch's passes: any magnitude, ties at .5, all-zero rows, views."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, columns, generator=generator) * 2.0**exponent
@@ -160,11 +177,48 @@ def test_quantising_and_splitting_give_torchs_bits(kernels, seed, rows, columns,
         x[1] = torch.arange(columns) - columns / 2 - 0.5  # halves: round half to even
     if transposed:
         x = x.t().contiguous().t()  # the same values through a strided view
-    q, scale = quantize_rows(x, qmax)
+    q, amax = built.quantize_rows(x.contiguous(), qmax)
     reference, reference_scale = quantize_rows_torch(x, qmax)
-    assert torch.equal(q, reference) and torch.equal(scale, reference_scale)
+    assert torch.equal(q, reference) and torch.equal(amax * (1.0 / qmax), reference_scale)
     if qmax == ACT_MAX:
-        assert torch.equal(split_bytes_int8(q), split_bytes(q).to(torch.int8))
+        assert torch.equal(built.split_bytes(q), split_bytes(q).to(torch.int8))
+    if qmax == ACT_MAX and columns > 1:  # and RMSNorm's statistic on top
+        eps = 1e-5
+        q_rms, row_scale = built.rms_norm_quantize(x.contiguous(), qmax, eps)
+        scale64 = reference_scale.to(torch.float64)
+        squares = (reference.to(torch.float64) ** 2).sum(dim=-1, keepdim=True)
+        mean_square = squares * scale64 * scale64 * (1.0 / columns) + eps
+        expected = (scale64 * torch.reciprocal(torch.sqrt(mean_square))).to(torch.float32)
+        assert torch.equal(q_rms, reference) and torch.equal(row_scale, expected)
+
+
+@needs_compiler
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 6),
+    vocab=st.integers(2, 2000),
+    spread=st.sampled_from([0.01, 1.0, 30.0]),
+)
+def test_tables_and_the_mixed_search_give_the_torch_paths_bits(built, seed, rows, vocab, spread):
+    """Frequency tables from logits, then the decoder's search in mixed tables (LM weights below 1, sparse
+    masses, rows in any order) against ``frequency_tables_torch``, ``mix_tables`` and ``find_symbols``."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=generator) * spread
+    budget = float((1 << FREQ_BITS) - vocab - ESCAPE_SYMBOLS)
+    freq = built.frequency_tables(logits, float(LOGIT_GRID), _EXP, budget, ESCAPE_SYMBOLS)
+    assert torch.equal(freq, frequency_tables_torch(logits, ESCAPE_SYMBOLS))
+    live = torch.randperm(rows, generator=generator)[: max(1, rows - 1)].tolist()
+    weights = (0.5 + torch.rand(len(live), generator=generator, dtype=torch.float64) / 2).tolist()
+    width = vocab + ESCAPE_SYMBOLS
+    masses = [{int(v): float(v % 7 * 1000) for v in torch.randint(0, width, (5,), generator=generator)} for _ in live]
+    predictions = [Prediction(0.0, w, m, [], []) for w, m in zip(weights, masses, strict=True)]
+    mixed = mix_tables(freq[live], predictions)
+    fractions = torch.rand(len(live), generator=generator, dtype=torch.float64)
+    targets = (fractions * mixed.sum(dim=1)).floor().to(torch.int64).tolist()
+    symbols, starts, sizes = find_symbols(mixed, lambda totals: targets)
+    found = built.mixed_tables_search(freq, live, weights, masses, lambda totals: targets)
+    assert found == (symbols, starts, sizes, freq[live, symbols].tolist())
 
 
 @needs_compiler
