@@ -285,22 +285,26 @@ def context_grid(args: argparse.Namespace) -> None:
 
 
 def _decoder_costs(engine, batch: int) -> tuple[dict[int, float], float]:
-    """Milliseconds of one lockstep step of ``batch`` rows at each cache length, and of prefill per row-token."""
+    """Milliseconds of one lockstep step of ``batch`` rows at each cache length (the network and the
+    frequency tables, as ``LockstepSession.step``), and of prefill per row-token."""
     import torch
 
-    llama = engine._llama
+    from llmpipe.coder.frequencies import frequency_tables
+    from llmpipe.tokenization import ESCAPE_SYMBOLS
+
+    network = engine._network
     steps = {}
     with torch.inference_mode():
         for length in STEP_LENGTHS:
-            kv = llama.new_cache(batch, length)
+            kv = network.new_cache(batch, length)
             kv.length = length - 2
             tokens = torch.ones(batch, 1, dtype=torch.long)
-            llama.forward(tokens, kv)  # warm-up
+            network.forward(tokens, kv)  # warm-up
             times = []
-            for _ in range(3):  # the fastest of three: other load only ever adds time
+            for _ in range(5):  # the fastest of five: other load only ever adds time
                 kv.length = length - 2
                 started = time.perf_counter()
-                llama.forward(tokens, kv)
+                frequency_tables(network.forward(tokens, kv)[:, 0], ESCAPE_SYMBOLS)
                 times.append((time.perf_counter() - started) * 1000)
             steps[length] = min(times)
         session = engine.session(batch, 256)
@@ -308,6 +312,25 @@ def _decoder_costs(engine, batch: int) -> tuple[dict[int, float], float]:
         session.restart([[1] * 256] * batch)  # the decoder's restart, as it runs
         prefill = (time.perf_counter() - started) * 1000 / (batch * 256)
     return steps, prefill
+
+
+def decoding_steps(args: argparse.Namespace) -> None:
+    """One decoding step of 64 rows at several cache lengths, with the compiled kernels and with the torch
+    path that runs without a C compiler (``LLMPIPE_NATIVE=0``): same numbers, different speed."""
+    from llmpipe.engine import native
+    from llmpipe.engine.exact_engine import ExactEngine
+
+    model = cache.load(args.model)
+    paths = {}
+    for path, switch in (("kernels", "1"), ("torch", "0")):
+        os.environ["LLMPIPE_NATIVE"] = switch
+        native._kernels.cache_clear()
+        steps_ms, prefill_ms = _decoder_costs(ExactEngine(model, args.threads), 64)
+        paths[path] = {"step_ms": steps_ms, "prefill_ms_per_token": prefill_ms}
+        print(json.dumps({path: paths[path]}), flush=True)
+    os.environ.pop("LLMPIPE_NATIVE")
+    native._kernels.cache_clear()
+    save(args.name, {"kind": "steps", "model": model.name, "numerics": "exact", "rows": 64, "paths": paths})
 
 
 def _modelled_row_seconds(tokens: int, context, steps_ms: dict[int, float], prefill_ms: float) -> float:
@@ -676,6 +699,23 @@ def report(args: argparse.Namespace) -> None:
                     f"| {r['chunk_size']} | {r['window']} | {r['overlap']} | {r['bpb']:.3f} | {r['ideal_bpb']:.3f} | "
                     f"{r['compress_kb_s']:.2f} | {r['modelled_decompress_kb_s']:.2f} |"
                 )
+        elif run_data["kind"] == "steps":
+            kernels, plain = run_data["paths"]["kernels"], run_data["paths"]["torch"]
+            lines.append(
+                f"One decoding step for {run_data['rows']} rows (the network and the frequency tables; the "
+                "fastest of five) at each length of cache, with the compiled kernels (`llmpipe/engine/kernels.c`) "
+                "and with the torch path that runs without a C compiler (`LLMPIPE_NATIVE=0`): the same numbers, "
+                "by different code. Prefill is a restart's cost per row and position."
+            )
+            lines += _table_head("| positions of context | kernels ms | torch path ms | torch / kernels |")
+            for length, ms in kernels["step_ms"].items():
+                other = plain["step_ms"][length]
+                lines.append(f"| {int(length):,} | {ms:.0f} | {other:.0f} | {other / ms:.1f}x |")
+            lines.append(
+                f"| prefill per row-token | {kernels['prefill_ms_per_token']:.2f} | "
+                f"{plain['prefill_ms_per_token']:.2f} | "
+                f"{plain['prefill_ms_per_token'] / kernels['prefill_ms_per_token']:.1f}x |"
+            )
         elif run_data["kind"] == "roundtrip":
             rows = run_data["rows"]
             passed = sum(r["ok"] for r in rows)
@@ -773,7 +813,8 @@ def _kb_s(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "numerics", "mixing", "sweep", "roundtrip", "roofline", "backup", "context", "resumable"):
+    names = ("run", "numerics", "mixing", "sweep", "roundtrip", "roofline", "backup", "context", "steps", "resumable")
+    for name in names:
         p = sub.add_parser(name)
         p.add_argument("--name", required=True)
         p.add_argument("--model", default=None)
@@ -806,6 +847,7 @@ def main() -> None:
         "roofline": roofline,
         "backup": backup,
         "context": context_grid,
+        "steps": decoding_steps,
         "resumable": resumable,
         "report": report,
     }
