@@ -116,6 +116,19 @@ static inline __m512i sum_lanes16(const __m512i v[16]) {
 }
 #endif
 
+/* The largest of n > 0 floats (none NaN): a maximum, the same in any order. */
+static inline float row_max(const float *x, int64_t n) {
+    float top = x[0];
+    int64_t i = 0;
+#ifdef VECTOR_512
+    __m512 tops = _mm512_set1_ps(top);
+    for (; i + 16 <= n; i += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(x + i));
+    top = _mm512_reduce_max_ps(tops);
+#endif
+    for (; i < n; i++) top = x[i] > top ? x[i] : top;
+    return top;
+}
+
 static inline __attribute__((always_inline)) void query_scores(const int16_t *q, float qscale, const int8_t *keys,
                                                               const float *key_scales, float *scores, int64_t hd,
                                                               int64_t visible) {
@@ -149,17 +162,10 @@ static inline __attribute__((always_inline)) void query_scores(const int16_t *q,
 
 static void query_weights(float *scores, const float *value_scales, float common, const float *exp,
                           int64_t table_len, int64_t visible) {
-    float top = scores[0];
-    int64_t s = 0;
-#ifdef VECTOR_512
-    __m512 tops = _mm512_set1_ps(top);
-    for (; s + 16 <= visible; s += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(scores + s));
-    top = _mm512_reduce_max_ps(tops); /* a maximum: the same in any order */
-#endif
-    for (; s < visible; s++) top = scores[s] > top ? scores[s] : top;
+    const float top = row_max(scores, visible);
     const float last = (float)(table_len - 1);
     double denominator = 0.0; /* integers below 2^15 each: exact in any order */
-    s = 0;
+    int64_t s = 0;
 #ifdef VECTOR_512
     const __m512 top16 = _mm512_set1_ps(top), last16 = _mm512_set1_ps(last);
     __m512d sums = _mm512_setzero_pd();
@@ -309,17 +315,10 @@ void frequency_tables(const float *logits, float grid, const double *exp, int64_
     for (int64_t r = 0; r < rows; r++) {
         const float *l = logits + r * vocab;
         double *f = freq + r * width;
-        float top = l[0];
-        int64_t v = 0;
-#ifdef VECTOR_512
-        __m512 tops = _mm512_set1_ps(top);
-        for (; v + 16 <= vocab; v += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(l + v));
-        top = _mm512_reduce_max_ps(tops); /* a maximum: the same in any order */
-#endif
-        for (; v < vocab; v++) top = l[v] > top ? l[v] : top;
+        const float top = row_max(l, vocab);
         const float last = (float)(table_len - 1);
         double total = 0.0; /* integers below 2^53: exact in any order */
-        v = 0;
+        int64_t v = 0;
 #ifdef VECTOR_512
         const __m512 top16 = _mm512_set1_ps(top), grid16 = _mm512_set1_ps(grid), last16 = _mm512_set1_ps(last);
         __m512d sums = _mm512_setzero_pd();
