@@ -32,7 +32,10 @@ The recipe (``FORMAT.md``, "Exact numerics v1", is the normative text):
 Every reduction is exact and every other step is an elementwise IEEE
 operation, so a position gets identical logits whether it is computed in a
 full-sequence pass (the encoder) or one step at a time through the KV cache
-(the decoder), alone or in any batch, with any number of threads.
+(the decoder), alone or in any batch, with any number of threads. On the CPU,
+decoding steps and passes of up to ``NATIVE_MAX_QUERIES`` positions run the
+same operations in the compiled kernels of ``native`` (``kernels.c``), which
+are checked against this module's torch path.
 """
 
 from __future__ import annotations
