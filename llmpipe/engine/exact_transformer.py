@@ -243,10 +243,9 @@ class ExactTransformer:
         config: ModelConfig,
         exact_weights: Mapping[str, torch.Tensor],
         device: str | torch.device = "cpu",
-        native: bool = True,
     ) -> None:
         """Takes each tensor of ``exact_weights`` (possibly read lazily from a file) to ``device`` in turn.
-        ``native=False`` keeps to torch even where the compiled kernels are available (same results)."""
+        The compiled kernels run where ``native`` has them (``LLMPIPE_NATIVE=0``: torch only, same results)."""
         self.config = config
         self.device = torch.device(device)
         if self.device.type == "cuda":  # TF32 would round the float32 GEMMs' integer inputs
@@ -255,7 +254,7 @@ class ExactTransformer:
         def tensor(name: str) -> torch.Tensor | None:
             return exact_weights[name].to(self.device) if name in exact_weights else None
 
-        self.kernels = kernels_for(self.device) if native else None
+        self.kernels = kernels_for(self.device)
 
         def weight(name: str) -> ExactWeight:
             return ExactWeight(tensor(f"{name}.q_t"), tensor(f"{name}.scale"), tensor(f"{name}.bias"), self.kernels)

@@ -89,6 +89,27 @@ def _known_answer_ok(kernels: Kernels) -> bool:
     return quantise_ok and torch.equal(kernels.split_bytes(quantised), split_bytes(quantised).to(torch.int8))
 
 
+class _Mixture:
+    """The mixed tables' description as ``kernels.c`` reads it: row indices, LM weights, and the masses as
+    one ascending (symbol, value) list per row, concatenated with each row's start."""
+
+    def __init__(self, rows: list[int], lm_weights: list[float], masses: list[dict[int, float]]) -> None:
+        ordered = [sorted(row.items()) for row in masses]
+        self.index = torch.tensor(rows, dtype=torch.int64)
+        self.weights = torch.tensor(lm_weights, dtype=torch.float64)
+        self.start = torch.tensor([0] + [len(row) for row in ordered], dtype=torch.int64).cumsum(0)
+        self.symbols = torch.tensor([v for row in ordered for v, _ in row] or [0], dtype=torch.int64)
+        self.values = torch.tensor([m for row in ordered for _, m in row] or [0.0], dtype=torch.float64)
+        self._freq: torch.Tensor | None = None  # the contiguous tables last pointed at, kept alive
+
+    def pointers(self, freq: torch.Tensor) -> tuple[int, ...]:
+        """``freq``, index, weights, starts, symbols, values, in ``find_mixed``'s order."""
+        self._freq = freq.contiguous()
+        return tuple(
+            x.data_ptr() for x in (self._freq, self.index, self.weights, self.start, self.symbols, self.values)
+        )
+
+
 class Kernels:
     """Typed calls into the compiled library, on torch's current number of threads. Tensors are CPU
     tensors; ``keys``/``values`` are (N, T, hd) int8 views whose last two dimensions are contiguous (rows
@@ -243,14 +264,7 @@ class Kernels:
 
     def row_totals(self, freq: torch.Tensor, rows: list[int]) -> list[float]:
         """The sums of ``rows`` of ``freq`` (B, V) float64 integers: ``mixed_totals`` unmixed."""
-        n, width = len(rows), freq.shape[1]
-        freq = freq.contiguous()
-        index = torch.tensor(rows, dtype=torch.int64)
-        weights, mass_start = torch.ones(n, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.int64)
-        totals = torch.empty(n, dtype=torch.float64)
-        pointers = (freq, index, weights, mass_start, weights, totals)  # no masses: their values are unread
-        self._library.mixed_totals(*(x.data_ptr() for x in pointers), n, width, torch.get_num_threads())
-        return totals.tolist()
+        return self._mixed_totals(freq, _Mixture(rows, [1.0] * len(rows), [{}] * len(rows))).tolist()
 
     def mixed_tables_search(
         self,
@@ -263,26 +277,24 @@ class Kernels:
         """``mixer.decode_symbols`` (which see) in two passes over ``freq`` (B, V) float64: the mixed rows'
         totals, then, for the targets ``targets_for(totals)``, the symbols, their starts and sizes, and
         their frequencies in ``freq``."""
-        n, width = len(rows), freq.shape[1]
-        freq = freq.contiguous()
-        index = torch.tensor(rows, dtype=torch.int64)
-        weights = torch.tensor(lm_weights, dtype=torch.float64)
-        ordered = [sorted(row.items()) for row in masses]
-        mass_start = torch.tensor([0] + [len(row) for row in ordered], dtype=torch.int64).cumsum(0)
-        mass_symbols = torch.tensor([v for row in ordered for v, _ in row] or [0], dtype=torch.int64)
-        mass_values = torch.tensor([m for row in ordered for _, m in row] or [0.0], dtype=torch.float64)
-        totals = torch.empty(n, dtype=torch.float64)
-        common = (freq.data_ptr(), index.data_ptr(), weights.data_ptr(), mass_start.data_ptr())
-        threads = torch.get_num_threads()
-        self._library.mixed_totals(*common, mass_values.data_ptr(), totals.data_ptr(), n, width, threads)
+        mixture = _Mixture(rows, lm_weights, masses)
+        totals = self._mixed_totals(freq, mixture)
         targets = torch.tensor(targets_for(totals.to(torch.int64).tolist()), dtype=torch.float64)
+        n, width = len(rows), freq.shape[1]
         symbols = torch.empty(n, dtype=torch.int64)
         found = torch.empty(3, n, dtype=torch.float64)  # starts, sizes, LM sizes
-        masses_at = (mass_symbols.data_ptr(), mass_values.data_ptr(), targets.data_ptr(), symbols.data_ptr())
-        starts, sizes, lm_sizes = (found[k].data_ptr() for k in range(3))
-        self._library.find_mixed(*common, *masses_at, starts, sizes, lm_sizes, n, width, threads)
+        pointers = (*mixture.pointers(freq), targets.data_ptr(), symbols.data_ptr(), *(x.data_ptr() for x in found))
+        self._library.find_mixed(*pointers, n, width, torch.get_num_threads())
         whole = found[:2].to(torch.int64).tolist()
         return symbols.tolist(), whole[0], whole[1], found[2].tolist()
+
+    def _mixed_totals(self, freq: torch.Tensor, mixture: _Mixture) -> torch.Tensor:
+        """The totals of the mixed rows of ``freq`` (``kernels.c``'s ``mixed_totals``), float64 (rows,)."""
+        totals = torch.empty(len(mixture.index), dtype=torch.float64)
+        freq_at, index, weights, start, _, values = mixture.pointers(freq)
+        arguments = (freq_at, index, weights, start, values, totals.data_ptr(), len(mixture.index), freq.shape[1])
+        self._library.mixed_totals(*arguments, torch.get_num_threads())
+        return totals
 
     def quantize_rows(self, x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``integer_ops.quantize_rows`` of a contiguous float32 ``x`` (..., C): the integers (float32) and

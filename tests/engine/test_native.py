@@ -3,6 +3,8 @@ output, the activation, quantising and splitting), and the same logits in every 
 
 import ctypes
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -12,7 +14,12 @@ from hypothesis import strategies as st
 
 from llmpipe.coder.frequencies import _EXP, FREQ_BITS, LOGIT_GRID, find_symbols, frequency_tables_torch
 from llmpipe.engine import native, tables
-from llmpipe.engine.exact_transformer import ExactKVCache, ExactTransformer, prepare_exact_weights
+from llmpipe.engine.exact_transformer import (
+    ExactKVCache,
+    ExactTransformer,
+    _rms_norm_quantize,
+    prepare_exact_weights,
+)
 from llmpipe.engine.integer_ops import (
     ACT_MAX,
     lookup,
@@ -32,6 +39,14 @@ def kernels() -> native.Kernels:
     found = native.kernels_for(torch.device("cpu"))
     assert found is not None, "a C compiler is here, yet the kernels were not built or failed their check"
     return found
+
+
+@contextmanager
+def torch_only() -> Iterator[None]:
+    """Inside: no compiled kernels anywhere (as without a C compiler), so everything runs the torch path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "_kernels", lambda: None)
+        yield
 
 
 PORTABLE = (*native.FLAGS, "-mno-avx512f")
@@ -182,14 +197,11 @@ def test_quantising_and_splitting_give_torchs_bits(built, seed, rows, columns, e
     assert torch.equal(q, reference) and torch.equal(amax * (1.0 / qmax), reference_scale)
     if qmax == ACT_MAX:
         assert torch.equal(built.split_bytes(q), split_bytes(q).to(torch.int8))
-    if qmax == ACT_MAX and columns > 1:  # and RMSNorm's statistic on top
-        eps = 1e-5
-        q_rms, row_scale = built.rms_norm_quantize(x.contiguous(), qmax, eps)
-        scale64 = reference_scale.to(torch.float64)
-        squares = (reference.to(torch.float64) ** 2).sum(dim=-1, keepdim=True)
-        mean_square = squares * scale64 * scale64 * (1.0 / columns) + eps
-        expected = (scale64 * torch.reciprocal(torch.sqrt(mean_square))).to(torch.float32)
-        assert torch.equal(q_rms, reference) and torch.equal(row_scale, expected)
+    if qmax == ACT_MAX:  # and RMSNorm's statistic on top
+        with torch_only():
+            expected = _rms_norm_quantize(x, 1e-5)
+        q_rms, row_scale = built.rms_norm_quantize(x.contiguous(), qmax, 1e-5)
+        assert torch.equal(q_rms, expected.q) and torch.equal(row_scale, expected.scale)
 
 
 @needs_compiler
@@ -228,19 +240,24 @@ def test_decoding_steps_are_the_same_with_and_without_kernels(tiny_models, kerne
     path's, at two thread counts."""
     model = tiny_models[arch]
     weights = prepare_exact_weights(model.config, model.weights)
-    fast, plain = ExactTransformer(model.config, weights), ExactTransformer(model.config, weights, native=False)
+    fast = ExactTransformer(model.config, weights)
+    with torch_only():
+        plain = ExactTransformer(model.config, weights)
     assert fast.kernels is not None and plain.kernels is None
     tokens = torch.randint(0, model.config.vocab_size, (5, 40), generator=torch.Generator().manual_seed(1))
     threads = torch.get_num_threads()
     with torch.inference_mode():
         caches = fast.new_cache(5, 40), plain.new_cache(5, 40)
         fast.prefill(tokens[:, :16], caches[0])
-        plain.prefill(tokens[:, :16], caches[1])
+        with torch_only():
+            plain.prefill(tokens[:, :16], caches[1])
         try:
             for p in range(16, 40):
                 torch.set_num_threads(1 + p % 2)
                 step = tokens[:, p : p + 1]
-                assert torch.equal(fast.forward(step, caches[0]), plain.forward(step, caches[1]))
+                with torch_only():
+                    expected = plain.forward(step, caches[1])
+                assert torch.equal(fast.forward(step, caches[0]), expected)
         finally:
             torch.set_num_threads(threads)
 
