@@ -35,9 +35,10 @@ bench: model
 	$(PY) bench/bench.py mixing --name mixing --bytes 65536
 	$(PY) bench/bench.py roofline --name roofline
 	$(PY) bench/bench.py backup --name backup --bytes 65536
-	$(PY) bench/bench.py context --name context --bytes 65536
+	$(PY) bench/bench.py context --name context --bytes 32768 --slices 6
 	$(PY) bench/bench.py steps --name steps
 	$(PY) bench/bench.py run --name enwik8-1mb --bytes 1000000 enwik/enwik8_first_1000000
+	$(PY) bench/bench.py run --name enwik8-1mb-8k --bytes 1000000 --chunk-size 8192 --context 0 enwik/enwik8_first_1000000
 	$(PY) bench/bench.py resumable --name enwik8-4mb --budget 3600
 	$(PY) bench/bench.py report --write BENCHMARKS.md
 

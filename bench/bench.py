@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from llmpipe.compressor import Compressor  # noqa: E402
 from llmpipe.decompressor import Decompressor  # noqa: E402
-from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE  # noqa: E402
+from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP  # noqa: E402
 from llmpipe.errors import ArchiveError  # noqa: E402
 from llmpipe.format.container import MAX_ROWS, MAX_WINDOW, ContainerReader  # noqa: E402
 from llmpipe.listing import describe  # noqa: E402
@@ -123,7 +123,13 @@ def save(name: str, payload: dict) -> None:
 def run(args: argparse.Namespace) -> None:
     model = cache.load(args.model)
     compressor = Compressor(
-        model, chunk_size=args.chunk_size, batch=args.batch, threads=args.threads, numerics=args.numerics
+        model,
+        chunk_size=args.chunk_size,
+        batch=args.batch,
+        threads=args.threads,
+        numerics=args.numerics,
+        context=args.context,
+        overlap=args.overlap,
     )
     decompressor = None if args.compress_only else Decompressor(model, threads=args.threads)
     rows = []
@@ -219,54 +225,69 @@ def sweep(args: argparse.Namespace) -> None:
     save(args.name, {"kind": "sweep", "model": model.name, "numerics": "exact", "file": args.file, "rows": rows})
 
 
-CONTEXT_GRID = [  # (chunk size, context window, overlap); window 0: the whole chunk
+CONTEXT_GRID = [  # (row length, context window, overlap); window 0: the whole row
     (2048, 0, 0),
     (8192, 0, 0),
-    (16384, 512, 128),
     (16384, 1024, 256),
-    (16384, 1024, 512),
     (16384, 2048, 512),
-    (65536, 1024, 256),
+    (16384, 2048, 1024),
+    (16384, 4096, 1024),
+    (32768, 2048, 512),
+    (32768, 4096, 1024),
 ]
-STEP_LENGTHS = [64, 256, 512, 1024, 2048]
+CONTEXT_BATCHES = (32, 64)  # the decoder's step is timed at these batches
+STEP_LENGTHS = [64, 256, 512, 1024, 2048, 4096, 8192]
 
 
 def context_grid(args: argparse.Namespace) -> None:
-    """Chunk size x context window x overlap: bits per byte measured, decoder speed modelled from measured steps.
+    """Row length x context window x overlap: bits per byte measured, decoder speed modelled from measured steps.
 
-    Decoding 64 rows of 16 KB takes a 1 MB input and most of an hour here, so
-    the decoder's speed at batch 64 is modelled: one lockstep step at batch 64
-    is timed at several cache lengths (interpolated between), a restart at the
-    measured prefill cost per token, and each configuration's schedule summed.
+    Rows are measured on ``--slices`` slices of ``--bytes`` bytes spread evenly
+    over the file (the start of a file is not typical of the rest), each slice
+    cut into rows of the setting's length. Decoding the whole file takes most
+    of an hour per setting here, so the decoder's time for the whole file is
+    modelled: one lockstep step is timed at several cache lengths and two
+    batches (interpolated between), a restart at the measured prefill cost per
+    token, and each setting's schedule summed over the rows the file makes.
     """
-    from llmpipe.codec import ContextWindow
     from llmpipe.engine.exact_engine import ExactEngine
 
     model = cache.load(args.model)
-    data = (CORPUS / args.file).read_bytes()[: args.bytes]
+    whole = (CORPUS / args.file).read_bytes()
+    starts = [k * (len(whole) - args.bytes) // max(1, args.slices - 1) for k in range(args.slices)]
     engine = ExactEngine(model, args.threads)
-    steps_ms, prefill_ms = _decoder_costs(engine, 64)
-    print(json.dumps({"step_ms": steps_ms, "prefill_ms_per_token": prefill_ms}), flush=True)
+    costs = {batch: _decoder_costs(engine, batch) for batch in CONTEXT_BATCHES}
+    print(json.dumps(costs), flush=True)
     rows = []
     for chunk_size, window, overlap in CONTEXT_GRID:
-        batch = min(64, -(-len(data) // chunk_size))
-        compressor = Compressor(
-            model, chunk_size=chunk_size, batch=batch, threads=args.threads, context=window, overlap=overlap
-        )
-        sink = io.BytesIO()
-        stats = compressor.compress_stream(io.BytesIO(data), sink)
-        context = ContextWindow(window, overlap)
-        row_tokens = stats.llm_symbols / max(1, stats.blocks["llm"])
-        seconds = _modelled_row_seconds(int(row_tokens), context, steps_ms, prefill_ms)
+        ideal_bits, archive_bytes, symbols, seconds = 0.0, 0, 0, 0.0
+        for start in starts:
+            compressor = Compressor(
+                model,
+                chunk_size=chunk_size,
+                batch=args.bytes // chunk_size,
+                threads=args.threads,
+                context=window,
+                overlap=overlap,
+                steer="none",
+            )
+            sink = io.BytesIO()
+            stats = compressor.compress_stream(io.BytesIO(whole[start : start + args.bytes]), sink)
+            ideal_bits += stats.ideal_bits + 8 * (args.bytes - stats.llm_input_bytes)
+            archive_bytes += len(sink.getvalue())
+            symbols += stats.llm_symbols
+            seconds += stats.seconds
+        sampled = args.bytes * len(starts)
+        decode_seconds = _modelled_file_seconds(len(whole), chunk_size, symbols / sampled, window, overlap, costs)
         row = {
             "chunk_size": chunk_size,
             "window": window,
             "overlap": overlap,
-            "bytes": len(data),
-            "bpb": 8 * len(sink.getvalue()) / len(data),
-            "ideal_bpb": (stats.ideal_bits + 8 * (len(data) - stats.llm_input_bytes)) / len(data),
-            "compress_kb_s": len(data) / 1024 / stats.seconds,
-            "modelled_decompress_kb_s": stats.llm_input_bytes / max(1, stats.blocks["llm"]) / 1024 / seconds,
+            "bytes": sampled,
+            "bpb": 8 * archive_bytes / sampled,
+            "ideal_bpb": ideal_bits / sampled,
+            "compress_kb_s": sampled / 1024 / seconds,
+            "modelled_decompress_kb_s": len(whole) / 1024 / decode_seconds,
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -277,8 +298,10 @@ def context_grid(args: argparse.Namespace) -> None:
             "model": model.name,
             "numerics": "exact",
             "file": args.file,
-            "step_ms": steps_ms,
-            "prefill_ms_per_token": prefill_ms,
+            "file_bytes": len(whole),
+            "slices": len(starts),
+            "slice_bytes": args.bytes,
+            "costs": {str(batch): {"step_ms": s, "prefill_ms_per_token": p} for batch, (s, p) in costs.items()},
             "rows": rows,
         },
     )
@@ -333,20 +356,42 @@ def decoding_steps(args: argparse.Namespace) -> None:
     save(args.name, {"kind": "steps", "model": model.name, "numerics": "exact", "rows": 64, "paths": paths})
 
 
-def _modelled_row_seconds(tokens: int, context, steps_ms: dict[int, float], prefill_ms: float) -> float:
-    """Decoder time one row takes at batch 64: its share of each step, and its restarts' prefill."""
+def _modelled_file_seconds(
+    size: int, chunk_size: int, tokens_per_byte: float, window: int, overlap: int, costs: dict
+) -> float:
+    """Decoder time for a file of ``size`` bytes cut into rows of ``chunk_size``, in lockstep passes of at
+    most 64 rows: each pass's steps at its batch and cache lengths, and its restarts' prefill."""
     import numpy as np
 
-    lengths = sorted(steps_ms)
-    starts = context.starts(tokens)
+    from llmpipe.codec import ContextWindow
+
+    context = ContextWindow(window, overlap)
+    rows = -(-size // chunk_size)
     total = 0.0
-    for k, (a, b) in enumerate(zip(starts, [*starts[1:], tokens], strict=True)):
-        first = 1 if k == 0 else context.overlap + 1  # context length at the segment's first step
-        cache = np.arange(first, first + b - a)
-        total += float(np.interp(cache, lengths, [steps_ms[n] for n in lengths]).sum()) / 64
-        if k:
-            total += context.overlap * prefill_ms
+    for first_row in range(0, rows, 64):
+        batch = min(64, rows - first_row)
+        steps_ms, prefill_ms = _costs_at(batch, costs)
+        lengths = sorted(steps_ms)
+        tokens = int(min(chunk_size, size - first_row * chunk_size) * tokens_per_byte)
+        starts = context.starts(tokens)
+        for k, (a, b) in enumerate(zip(starts, [*starts[1:], tokens], strict=True)):
+            first = 1 if k == 0 else context.overlap + 1  # context length at the segment's first step
+            cache_lengths = np.arange(first, first + b - a)
+            total += float(np.interp(cache_lengths, lengths, [steps_ms[n] for n in lengths]).sum())
+            if k:
+                total += context.overlap * prefill_ms * batch
     return total / 1000
+
+
+def _costs_at(batch: int, costs: dict) -> tuple[dict[int, float], float]:
+    """Step times and prefill per row-token at ``batch`` rows, interpolated linearly between the measured
+    batches (the nearest one outside them)."""
+    low, high = min(costs), max(costs)
+    share = min(1.0, max(0.0, (batch - low) / (high - low)))
+    (steps_low, prefill_low), (steps_high, prefill_high) = costs[low], costs[high]
+    steps = {n: steps_low[n] + share * (steps_high[n] - steps_low[n]) for n in steps_low}
+    per_token = (prefill_low * low + share * (prefill_high * high - prefill_low * low)) / batch
+    return steps, per_token
 
 
 WORK = ROOT / "bench" / "out"  # partial archives of resumable runs (not committed)
@@ -683,16 +728,24 @@ def report(args: argparse.Namespace) -> None:
                 "loaded and torch is not imported.",
             ]
         elif run_data["kind"] == "context":
-            steps = ", ".join(f"{n}: {ms:.0f} ms" for n, ms in run_data["step_ms"].items())
+            costs = run_data["costs"]
+            steps = "; ".join(
+                f"{batch} rows: " + ", ".join(f"{n}: {ms:.0f}" for n, ms in cost["step_ms"].items()) + " ms"
+                for batch, cost in costs.items()
+            )
+            prefill = ", ".join(f"{cost['prefill_ms_per_token']:.2f}" for cost in costs.values())
             lines.append(
-                f"Context beyond the chunk, on the first {run_data['rows'][0]['bytes']} bytes of "
-                f"`{run_data['file']}`: chunk size x context window x overlap (tokens; window 0 = the whole chunk). "
-                "bpb and compression speed are measured. Decompression speed is *modelled* for batch 64 "
-                f"from step times measured in the same run (cache length: {steps}) and prefill at "
-                f"{run_data['prefill_ms_per_token']:.2f} ms per row-token for each restart."
+                f"Context beyond the row, on {run_data['slices']} slices of {run_data['slice_bytes']} bytes spread "
+                f"evenly over `{run_data['file']}` (each cut into rows of the setting's length; no steering): row "
+                "length x context window x overlap (tokens; window 0 = the whole row). bpb and compression speed "
+                f"are measured. Decompression speed is *modelled* for the whole {run_data['file_bytes']}-byte file "
+                "(its rows in lockstep passes of at most 64) from one step's time measured in the same run at each "
+                f"cache length and batch ({steps}) and prefill at {prefill} ms per row-token for each restart; "
+                "it counts the network and the frequency tables, not the coder and mixer, which cost the same "
+                "per symbol in every setting."
             )
             lines += _table_head(
-                "| chunk | window | overlap | bpb | ideal bpb | compress KB/s | modelled decompress KB/s |"
+                "| row bytes | window | overlap | bpb | ideal bpb | compress KB/s | modelled decompress KB/s |"
             )
             for r in run_data["rows"]:
                 lines.append(
@@ -824,6 +877,8 @@ def main() -> None:
     runner.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     runner.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     runner.add_argument("--numerics", choices=("exact", "float"), default="exact")
+    runner.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="context window (0: the whole row)")
+    runner.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP)
     runner.add_argument("--compress-only", action="store_true", help="skip the (slower) decompression")
     runner.add_argument("files", nargs="*")
     sub.choices["numerics"].add_argument("files", nargs="*")
@@ -833,6 +888,7 @@ def main() -> None:
     sub.choices["roundtrip"].add_argument("--chunk-size", type=int, default=512)
     sub.choices["roundtrip"].add_argument("--batch", type=int, default=DEFAULT_BATCH)
     sub.choices["context"].add_argument("--file", default="enwik/enwik8_first_1000000")
+    sub.choices["context"].add_argument("--slices", type=int, default=6, help="slices of --bytes spread over the file")
     sweeper = sub.choices["sweep"]
     sweeper.add_argument("--file", default="enwik/enwik8_first_1000000")
     sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])

@@ -1,16 +1,19 @@
 """Default settings, in a module that imports nothing heavy (``llmpipe -l`` must not load torch).
 
 The chunk size, context window and overlap come from the measured grid in
-BENCHMARKS.md ("context"): 16 KB rows with a 1,024-token window restarted
-from its last 256 tokens code enwik8 about as well as 8 KB chunks (7% below
-2 KB chunks) and decode about 1.5x faster than 8 KB chunks.
+BENCHMARKS.md ("context", slices spread over enwik8's first megabyte): a
+2,048-token window restarted from its last 512 tokens codes 16 KB rows 0.9%
+smaller than a 1,024/256 window and 1.3% smaller than 8 KB chunks, at a
+modelled 92% of 8 KB chunks' decoding speed; 32 KB rows (inputs of 2 MB and
+more fill a batch of them) gain 1.0% more at the same speed per row. Longer
+windows or overlaps gain 0.2-0.6% more but decode below 75% of 8 KB chunks.
 """
 
-DEFAULT_CHUNK_SIZE = 16384
+DEFAULT_CHUNK_SIZE = 32768
 DEFAULT_BATCH = 64
 DEFAULT_THREADS = 2
-DEFAULT_CONTEXT = 1024  # tokens a prediction sees at most; 0: the whole chunk
-DEFAULT_OVERLAP = 256  # tokens kept when the context window restarts
+DEFAULT_CONTEXT = 2048  # tokens a prediction sees at most; 0: the whole chunk
+DEFAULT_OVERLAP = 512  # tokens kept when the context window restarts
 DEFAULT_STEER = "auto"  # learn a prompt only where the projected saving clears its cost (STEERING.md)
 DEFAULT_STEER_EPOCHS = 20  # training steps of a learned prompt (STEERING.md: what 20 steps gain)
 DEFAULT_STEER_SECONDS = 600.0  # ... and their time limit
