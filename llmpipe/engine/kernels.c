@@ -160,6 +160,39 @@ static inline __attribute__((always_inline)) void query_scores(const int16_t *q,
     }
 }
 
+/* query_scores for the `group` query heads that share one key/value head (group <= MAX_SHARED_GROUP,
+ * hd == 64): each key is widened to int16 once for all of them instead of once per head. The same sums
+ * and the same float operations as query_scores, so the same scores. */
+#define MAX_SHARED_GROUP 4
+static void group_scores(const int16_t *const *q, const float *qscale, const int8_t *keys, const float *key_scales,
+                         float *const *scores, int64_t group, int64_t visible) {
+    int64_t s = 0;
+#ifdef VECTOR_512
+    __m512i low[MAX_SHARED_GROUP], high[MAX_SHARED_GROUP];
+    for (int64_t g = 0; g < group; g++) {
+        low[g] = _mm512_loadu_si512(q[g]);
+        high[g] = _mm512_loadu_si512(q[g] + 32);
+    }
+    for (; s + 16 <= visible; s += 16) {
+        __m512i dots[MAX_SHARED_GROUP][16];
+        for (int j = 0; j < 16; j++) {
+            const int8_t *key = keys + (s + j) * 64;
+            const __m512i k0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)key));
+            const __m512i k1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(key + 32)));
+            for (int64_t g = 0; g < group; g++)
+                dots[g][j] = multiply_add_pairs(multiply_add_pairs(_mm512_setzero_si512(), low[g], k0), high[g], k1);
+        }
+        const __m512 key_scale = _mm512_loadu_ps(key_scales + s);
+        for (int64_t g = 0; g < group; g++) {
+            const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(sum_lanes16(dots[g])), _mm512_set1_ps(qscale[g]));
+            _mm512_storeu_ps(scores[g] + s, _mm512_mul_ps(products, key_scale));
+        }
+    }
+#endif
+    for (int64_t g = 0; g < group; g++) /* the last visible % 16 positions (all of them without AVX-512) */
+        query_scores(q[g], qscale[g], keys + s * 64, key_scales + s, scores[g] + s, 64, visible - s);
+}
+
 static void query_weights(float *scores, const float *value_scales, float common, const float *exp,
                           int64_t table_len, int64_t visible) {
     const float top = row_max(scores, visible);
@@ -246,18 +279,36 @@ void attention(const int16_t *q, const float *qscale, const int8_t *keys, const 
                const float *key_scales, const float *value_scales, const float *exp, int64_t table_len,
                float *scratch, float *out, int64_t rows, int64_t group, int64_t queries, int64_t hd,
                int64_t length, int64_t kv_stride, int64_t scale_stride, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < rows; n++) {
-        for (int64_t g = 0; g < group; g++) {
-            const float *ks = key_scales + n * scale_stride;
-            const float *vs = value_scales + n * scale_stride;
-            const int8_t *kn = keys + n * kv_stride, *vn = values + n * kv_stride;
-            const int64_t first = length - queries + 1; /* what query 0 sees */
-            float common = vs[0];
-            for (int64_t s = 1; s < first; s++) common = vs[s] > common ? vs[s] : common;
-            for (int64_t i = 0; i < queries; i++) {
-                const int64_t visible = first + i, at = (n * group + g) * queries + i;
-                common = vs[visible - 1] > common ? vs[visible - 1] : common;
+        const float *ks = key_scales + n * scale_stride;
+        const float *vs = value_scales + n * scale_stride;
+        const int8_t *kn = keys + n * kv_stride, *vn = values + n * kv_stride;
+        const int64_t first = length - queries + 1; /* what query 0 sees */
+        float common = vs[0];
+        for (int64_t s = 1; s < first; s++) common = vs[s] > common ? vs[s] : common;
+        for (int64_t i = 0; i < queries; i++) {
+            const int64_t visible = first + i;
+            common = vs[visible - 1] > common ? vs[visible - 1] : common;
+            if (hd == 64 && group <= MAX_SHARED_GROUP) {
+                const int16_t *heads[MAX_SHARED_GROUP];
+                float *scores[MAX_SHARED_GROUP], scales[MAX_SHARED_GROUP];
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t at = (n * group + g) * queries + i;
+                    heads[g] = q + at * hd;
+                    scores[g] = scratch + at * length;
+                    scales[g] = qscale[at];
+                }
+                group_scores(heads, scales, kn, ks, scores, group, visible);
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t at = (n * group + g) * queries + i;
+                    query_weights(scores[g], vs, common, exp, table_len, visible);
+                    query_mix((const int32_t *)scores[g], vn, common * (1.0f / 32768.0f), out + at * hd, 64, visible);
+                }
+                continue;
+            }
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t at = (n * group + g) * queries + i;
                 float *scores = scratch + at * length;
                 const int16_t *qi = q + at * hd;
                 float *oi = out + at * hd;
