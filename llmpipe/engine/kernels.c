@@ -129,68 +129,44 @@ static inline float row_max(const float *x, int64_t n) {
     return top;
 }
 
-static inline __attribute__((always_inline)) void query_scores(const int16_t *q, float qscale, const int8_t *keys,
-                                                              const float *key_scales, float *scores, int64_t hd,
+/* The scores of `group` query heads (at most MAX_SHARED_GROUP) that share one key/value head:
+ * scores_g[s] = ((float)(q_g . key_s) * qscale_g) * key_scale_s, the dot product an exact integer sum.
+ * With AVX-512 and hd a multiple of 32, 16 positions at a time, each key widened to int16 once for
+ * all the heads. */
+#define MAX_SHARED_GROUP 4
+static inline __attribute__((always_inline)) void group_scores(const int16_t *const *q, const float *qscale,
+                                                              const int8_t *keys, const float *key_scales,
+                                                              float *const *scores, int64_t group, int64_t hd,
                                                               int64_t visible) {
     int64_t s = 0;
 #ifdef VECTOR_512
     if (hd % 32 == 0) {
-        const __m512 scale = _mm512_set1_ps(qscale);
         for (; s + 16 <= visible; s += 16) {
-            __m512i dots[16];
+            __m512i dots[MAX_SHARED_GROUP][16];
             for (int j = 0; j < 16; j++) {
                 const int8_t *key = keys + (s + j) * hd;
-                __m512i sums = _mm512_setzero_si512();
+                for (int64_t g = 0; g < group; g++) dots[g][j] = _mm512_setzero_si512();
                 for (int64_t d = 0; d < hd; d += 32) {
                     const __m512i k = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(key + d)));
-                    sums = multiply_add_pairs(sums, _mm512_loadu_si512(q + d), k);
+                    for (int64_t g = 0; g < group; g++)
+                        dots[g][j] = multiply_add_pairs(dots[g][j], _mm512_loadu_si512(q[g] + d), k);
                 }
-                dots[j] = sums;
             }
-            const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(sum_lanes16(dots)), scale);
-            _mm512_storeu_ps(scores + s, _mm512_mul_ps(products, _mm512_loadu_ps(key_scales + s)));
+            const __m512 key_scale = _mm512_loadu_ps(key_scales + s);
+            for (int64_t g = 0; g < group; g++) {
+                const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(sum_lanes16(dots[g])), _mm512_set1_ps(qscale[g]));
+                _mm512_storeu_ps(scores[g] + s, _mm512_mul_ps(products, key_scale));
+            }
         }
     }
 #endif
-    for (; s < visible; s++) {
-        const int8_t *key = keys + s * hd;
-        int32_t acc = 0;
-        for (int64_t d = 0; d < hd; d++) acc += q[d] * (int16_t)key[d];
-        scores[s] = ((float)acc * qscale) * key_scales[s];
-    }
-}
-
-/* query_scores for the `group` query heads that share one key/value head (group <= MAX_SHARED_GROUP,
- * hd == 64): each key is widened to int16 once for all of them instead of once per head. The same sums
- * and the same float operations as query_scores, so the same scores. */
-#define MAX_SHARED_GROUP 4
-static void group_scores(const int16_t *const *q, const float *qscale, const int8_t *keys, const float *key_scales,
-                         float *const *scores, int64_t group, int64_t visible) {
-    int64_t s = 0;
-#ifdef VECTOR_512
-    __m512i low[MAX_SHARED_GROUP], high[MAX_SHARED_GROUP];
-    for (int64_t g = 0; g < group; g++) {
-        low[g] = _mm512_loadu_si512(q[g]);
-        high[g] = _mm512_loadu_si512(q[g] + 32);
-    }
-    for (; s + 16 <= visible; s += 16) {
-        __m512i dots[MAX_SHARED_GROUP][16];
-        for (int j = 0; j < 16; j++) {
-            const int8_t *key = keys + (s + j) * 64;
-            const __m512i k0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)key));
-            const __m512i k1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(key + 32)));
-            for (int64_t g = 0; g < group; g++)
-                dots[g][j] = multiply_add_pairs(multiply_add_pairs(_mm512_setzero_si512(), low[g], k0), high[g], k1);
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t t = s; t < visible; t++) {
+            const int8_t *key = keys + t * hd;
+            int32_t acc = 0;
+            for (int64_t d = 0; d < hd; d++) acc += q[g][d] * (int16_t)key[d];
+            scores[g][t] = ((float)acc * qscale[g]) * key_scales[t];
         }
-        const __m512 key_scale = _mm512_loadu_ps(key_scales + s);
-        for (int64_t g = 0; g < group; g++) {
-            const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(sum_lanes16(dots[g])), _mm512_set1_ps(qscale[g]));
-            _mm512_storeu_ps(scores[g] + s, _mm512_mul_ps(products, key_scale));
-        }
-    }
-#endif
-    for (int64_t g = 0; g < group; g++) /* the last visible % 16 positions (all of them without AVX-512) */
-        query_scores(q[g], qscale[g], keys + s * 64, key_scales + s, scores[g] + s, 64, visible - s);
 }
 
 static void query_weights(float *scores, const float *value_scales, float common, const float *exp,
@@ -264,15 +240,18 @@ static inline __attribute__((always_inline)) void query_mix(const int32_t *weigh
     for (int64_t d = 0; d < hd; d++) out[d] = (float)acc[d] * unit;
 }
 
-/* One query's attention (above); inlined with hd a constant for the common head sizes, which lets the
- * compiler keep a head's sums in vector registers. */
-static inline __attribute__((always_inline)) void query_attention(
-    const int16_t *q, float qscale, const int8_t *keys, const int8_t *values, const float *key_scales,
-    const float *value_scales, float common, const float *exp, int64_t table_len, float *scratch, float *out,
-    int64_t hd, int64_t visible) {
-    query_scores(q, qscale, keys, key_scales, scratch, hd, visible);
-    query_weights(scratch, value_scales, common, exp, table_len, visible);
-    query_mix((const int32_t *)scratch, values, common * (1.0f / 32768.0f), out, hd, visible);
+/* The attention (above) of the query heads that share one key/value head, at one position; inlined
+ * with hd a constant for the common head sizes, which lets the compiler keep a head's sums in vector
+ * registers. */
+static inline __attribute__((always_inline)) void heads_attention(
+    const int16_t *const *q, const float *qscale, float *const *scratch, float *const *out, int64_t group,
+    const int8_t *keys, const int8_t *values, const float *key_scales, const float *value_scales, float common,
+    const float *exp, int64_t table_len, int64_t hd, int64_t visible) {
+    group_scores(q, qscale, keys, key_scales, scratch, group, hd, visible);
+    for (int64_t g = 0; g < group; g++) {
+        query_weights(scratch[g], value_scales, common, exp, table_len, visible);
+        query_mix((const int32_t *)scratch[g], values, common * (1.0f / 32768.0f), out[g], hd, visible);
+    }
 }
 
 void attention(const int16_t *q, const float *qscale, const int8_t *keys, const int8_t *values,
@@ -290,34 +269,23 @@ void attention(const int16_t *q, const float *qscale, const int8_t *keys, const 
         for (int64_t i = 0; i < queries; i++) {
             const int64_t visible = first + i;
             common = vs[visible - 1] > common ? vs[visible - 1] : common;
-            if (hd == 64 && group <= MAX_SHARED_GROUP) {
+            for (int64_t g0 = 0; g0 < group; g0 += MAX_SHARED_GROUP) { /* the heads, a few at a time */
+                const int64_t count = group - g0 < MAX_SHARED_GROUP ? group - g0 : MAX_SHARED_GROUP;
                 const int16_t *heads[MAX_SHARED_GROUP];
-                float *scores[MAX_SHARED_GROUP], scales[MAX_SHARED_GROUP];
-                for (int64_t g = 0; g < group; g++) {
-                    const int64_t at = (n * group + g) * queries + i;
+                float scales[MAX_SHARED_GROUP], *scores[MAX_SHARED_GROUP], *outs[MAX_SHARED_GROUP];
+                for (int64_t g = 0; g < count; g++) {
+                    const int64_t at = (n * group + g0 + g) * queries + i;
                     heads[g] = q + at * hd;
-                    scores[g] = scratch + at * length;
                     scales[g] = qscale[at];
+                    scores[g] = scratch + at * length;
+                    outs[g] = out + at * hd;
                 }
-                group_scores(heads, scales, kn, ks, scores, group, visible);
-                for (int64_t g = 0; g < group; g++) {
-                    const int64_t at = (n * group + g) * queries + i;
-                    query_weights(scores[g], vs, common, exp, table_len, visible);
-                    query_mix((const int32_t *)scores[g], vn, common * (1.0f / 32768.0f), out + at * hd, 64, visible);
-                }
-                continue;
-            }
-            for (int64_t g = 0; g < group; g++) {
-                const int64_t at = (n * group + g) * queries + i;
-                float *scores = scratch + at * length;
-                const int16_t *qi = q + at * hd;
-                float *oi = out + at * hd;
                 if (hd == 64)
-                    query_attention(qi, qscale[at], kn, vn, ks, vs, common, exp, table_len, scores, oi, 64, visible);
+                    heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, 64, visible);
                 else if (hd == 128)
-                    query_attention(qi, qscale[at], kn, vn, ks, vs, common, exp, table_len, scores, oi, 128, visible);
+                    heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, 128, visible);
                 else
-                    query_attention(qi, qscale[at], kn, vn, ks, vs, common, exp, table_len, scores, oi, hd, visible);
+                    heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, hd, visible);
             }
         }
     }

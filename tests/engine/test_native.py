@@ -76,7 +76,7 @@ def transformer(tiny_model) -> ExactTransformer:
     seed=st.integers(0, 2**32 - 1),
     rows=st.integers(1, 3),
     kv_heads=st.integers(1, 3),
-    group=st.integers(1, 5),  # up to 4 heads share each key (kernels.c group_scores), 5 do not
+    group=st.integers(1, 5),  # kernels.c takes the heads sharing a key four at a time: 5 makes 4 + 1
     hd=st.sampled_from([8, 16, 32, 64, 80, 128]),
     length=st.integers(1, 80),
     queries=st.integers(1, 16),
