@@ -37,6 +37,7 @@ import zstandard
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmpipe import mixer  # noqa: E402
 from llmpipe.compressor import Compressor  # noqa: E402
 from llmpipe.decompressor import Decompressor  # noqa: E402
 from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP  # noqa: E402
@@ -195,18 +196,22 @@ MIXING_FILES = [*DEFAULT_FILES[:4], "calgary/news"]
 
 
 def compare_mixing(args: argparse.Namespace) -> None:
-    """What the history mixer buys: the same slices coded with ``mixer`` on and off (compression only).
+    """What the mixer buys: the same slices coded with it (``on``), with mixer version 1 (``no bias``: the
+    history experts without the adaptive bias) and without it (``off``), compression only.
 
     The slice is cut into rows of the default chunk size, as a long input is
     (a shorter one gets rows of at least 8 KB, where the history has less to give).
     """
     model = cache.load(args.model)
 
-    def compressor(data: bytes, mixing: bool) -> Compressor:
+    def compressor(data: bytes, version: int) -> Compressor:
         rows = max(1, -(-len(data) // DEFAULT_CHUNK_SIZE))
-        return Compressor(model, batch=rows, threads=args.threads, mixing=mixing)
+        made = Compressor(model, batch=rows, threads=args.threads, mixing=version > 0)
+        made.mixer_version = version  # version 1: as llmpipe 0.4 wrote, without the adaptive bias
+        return made
 
-    settings = {label: lambda data, on=on: compressor(data, on) for label, on in (("on", True), ("off", False))}
+    versions = (("on", mixer.VERSION), ("no bias", 1), ("off", 0))
+    settings = {label: lambda data, v=version: compressor(data, v) for label, version in versions}
     rows = compare_settings(args, MIXING_FILES, settings)
     save(args.name, {"kind": "mixing", "model": model.name, "chunk_size": DEFAULT_CHUNK_SIZE, "rows": rows})
 
@@ -678,12 +683,16 @@ def report(args: argparse.Namespace) -> None:
             lines += _comparison_table(run_data["rows"], "exact", "float")
         elif run_data["kind"] == "mixing":
             lines.append(
-                "The history mixer (n-gram orders 1-6 and a match model over each row, mixed with the model's "
-                f"tables online; FORMAT.md section 5) on and off, rows of {run_data['chunk_size']} bytes, exact "
-                "numerics, other settings default. *LLM bpb* counts the range-coded payloads over the bytes they "
-                "hold. alice29.txt and book1 are famous texts the model may have memorised."
+                "The mixer (FORMAT.md section 5): *on* = the adaptive bias on the model's tables, then the "
+                "history experts (n-gram orders 1-6 and a match model over each row) mixed in online; *no bias* = "
+                "the history experts alone (mixer version 1, what llmpipe 0.4 wrote); *off* = the model's tables "
+                f"as they are. Rows of {run_data['chunk_size']} bytes, exact numerics, other settings default. "
+                "*LLM bpb* counts the range-coded payloads over the bytes they hold. alice29.txt and book1 are "
+                "famous texts the model may have memorised."
             )
-            lines += _comparison_table(run_data["rows"], "on", "off", "mixer ")
+            lines += _comparison_table(run_data["rows"], "on", "no bias")
+            lines += ["", "The history experts alone against no mixing:", ""]
+            lines += _comparison_table(run_data["rows"], "no bias", "off")
         elif run_data["kind"] == "resumable":
             if run_data["complete"]:
                 base = ", ".join(f"{k} {v:.3f}" for k, v in run_data["baselines"].items())
@@ -838,11 +847,11 @@ def _memory_section(run_data: dict) -> list[str]:
     return lines
 
 
-def _comparison_table(rows: list[dict], a: str, b: str, prefix: str = "") -> list[str]:
+def _comparison_table(rows: list[dict], a: str, b: str) -> list[str]:
     """The table of a ``compare_settings`` run: settings ``a`` and ``b`` side by side, the change of LLM bpb."""
     lines = _table_head(
-        f"| file | bytes | {prefix}{a} bpb | {prefix}{b} bpb | {prefix}{a} LLM bpb | {prefix}{b} LLM bpb | "
-        f"{a} vs {b} (LLM) | {prefix}{a} compress KB/s | {prefix}{b} compress KB/s |"
+        f"| file | bytes | {a} bpb | {b} bpb | {a} LLM bpb | {b} LLM bpb | "
+        f"{a} vs {b} (LLM) | {a} compress KB/s | {b} compress KB/s |"
     )
     for r in rows:
         x, y = r[a], r[b]

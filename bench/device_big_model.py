@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.memory import TEXT, TOKENIZER, random_weights, reduced_config  # noqa: E402
+from llmpipe import mixer  # noqa: E402
 from llmpipe.codec import ContextWindow, LlmCoder  # noqa: E402
 from llmpipe.engine import create_engine  # noqa: E402
 from llmpipe.engine.plan import plan_memory  # noqa: E402
@@ -78,10 +79,10 @@ def code_with(model: LoadedModel, setting: tuple, rows: list[list[int]], device:
     coder = LlmCoder(engine, model.tokenizer)
     context = ContextWindow()
     started = time.perf_counter()
-    encoded = coder.encode_group(rows, context, mixing=True)
+    encoded = coder.encode_group(rows, context, mixer_version=mixer.VERSION)
     encode = time.perf_counter() - started
     started = time.perf_counter()
-    decoded = coder.decode_group(encoded.payloads, [len(r) for r in rows], context, mixing=True)
+    decoded = coder.decode_group(encoded.payloads, [len(r) for r in rows], context, mixer_version=mixer.VERSION)
     decode = time.perf_counter() - started
     tokens = sum(len(r) for r in rows)
     plan = plan_memory(
@@ -119,11 +120,11 @@ def cross_decode(model: LoadedModel, gpu_coder: LlmCoder, rows: list[list[int]])
     """A short exact payload made on the GPU decodes on the CPU; the CPU encoder makes the same bytes."""
     short = [row[:24] for row in rows[:2]]
     context = ContextWindow()
-    made_on_gpu = gpu_coder.encode_group(short, context, mixing=True).payloads
+    made_on_gpu = gpu_coder.encode_group(short, context, mixer_version=mixer.VERSION).payloads
     cpu_coder = LlmCoder(create_engine("exact", model, THREADS, 2, "cpu"), model.tokenizer)
     started = time.perf_counter()
-    made_on_cpu = cpu_coder.encode_group(short, context, mixing=True).payloads
-    decoded_on_cpu = cpu_coder.decode_group(made_on_gpu, [len(r) for r in short], context, mixing=True)
+    made_on_cpu = cpu_coder.encode_group(short, context, mixer_version=mixer.VERSION).payloads
+    decoded_on_cpu = cpu_coder.decode_group(made_on_gpu, [len(r) for r in short], context, mixer_version=mixer.VERSION)
     return {
         "payloads_identical": made_on_cpu == made_on_gpu,
         "gpu_payload_decodes_on_cpu": decoded_on_cpu == short,

@@ -5,7 +5,7 @@ imported on first use, so that ``import llmpipe`` and ``llmpipe -l`` stay
 fast without loading torch.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 __all__ = ["compress", "decompress", "open"]
 
 

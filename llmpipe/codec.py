@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from llmpipe.adaptive_bias import AdaptiveBias
 from llmpipe.coder.frequencies import code_positions
 from llmpipe.coder.range_coder import RangeDecoder, RangeEncoder
 from llmpipe.engine.memory import HISTORY_SYMBOLS, check_history_budget
@@ -114,12 +115,14 @@ class LlmCoder:
         """``x_0..x_{t-1}``: the prime token, then each symbol's model input but the last's."""
         return [self.tokenizer.prime_token] + [self.tokenizer.model_input(s) for s in sequence[:-1]]
 
-    def encode_group(self, sequences: list[list[int]], context: ContextWindow, mixing: bool) -> EncodedGroup:
-        """Code each sequence into its own payload; ``mixing`` mixes in each row's history model (``mixer``)."""
+    def encode_group(self, sequences: list[list[int]], context: ContextWindow, mixer_version: int) -> EncodedGroup:
+        """Code each sequence into its own payload; ``mixer_version`` (``mixer.VERSIONS``, 0: none) says
+        whether each row's tables are biased (``adaptive_bias``) and mixed with its history (``mixer``)."""
         encoders = [RangeEncoder() for _ in sequences]
-        if mixing:
+        if mixer_version:
             check_history_budget(sum(len(s) for s in sequences))
-        histories = [RowHistory() for _ in sequences] if mixing else None
+        histories = [RowHistory() for _ in sequences] if mixer_version else None
+        biases = AdaptiveBias(len(sequences), self.tokenizer.alphabet_size) if mixer_version >= 2 else None
         ideal = [0.0] * len(sequences)
 
         def code(row: int, starts: list[int], sizes: list[int], totals: list[int]) -> None:
@@ -144,6 +147,8 @@ class LlmCoder:
             for index, first, freq in self.engine.tables(inputs, skips):
                 row, a = segments[index]
                 run = sequences[row][a + first : a + first + len(freq)]
+                if biases:
+                    freq = biases.run(row, freq, run)
                 if histories:
                     freq = histories[row].mix_run(freq, run)
                 code(row, *code_positions(freq, torch.tensor(run)))
@@ -152,6 +157,9 @@ class LlmCoder:
             for step, live, freq in self._lockstep(counts, context, lambda step, r: sequences[r][step]):
                 run = [sequences[r][step] for r in live]
                 table = freq[live]
+                if biases:
+                    table = biases.tables(table, live)
+                    biases.learn(table, live, run)
                 if histories:
                     table = mix_step(table, [histories[r] for r in live], run)
                 starts, sizes, totals = code_positions(table, torch.tensor(run))
@@ -160,21 +168,30 @@ class LlmCoder:
         return EncodedGroup([e.finish() for e in encoders], ideal)
 
     def decode_group(
-        self, payloads: list[bytes], counts: list[int], context: ContextWindow, mixing: bool
+        self, payloads: list[bytes], counts: list[int], context: ContextWindow, mixer_version: int
     ) -> list[list[int]]:
         """Decode a group one position per step, all rows together through the KV cache."""
         if self.engine.full_sequence:
             # exact tables do not depend on the batch: decode the rows in parts whose KV cache and histories
             # fit in memory (one part over a limit is a single row: refused below)
-            parts = self._parts_that_fit(counts, context, mixing)
+            parts = self._parts_that_fit(counts, context, mixer_version > 0)
             if len(parts) > 1:
-                return [row for a, b in parts for row in self.decode_group(payloads[a:b], counts[a:b], context, mixing)]
+                return [
+                    row
+                    for a, b in parts
+                    for row in self.decode_group(payloads[a:b], counts[a:b], context, mixer_version)
+                ]
         decoders = [RangeDecoder(p) for p in payloads]
         sequences: list[list[int]] = [[] for _ in payloads]
-        if mixing:  # before any work: the counts come from the archive
+        if mixer_version:  # before any work: the counts come from the archive
             check_history_budget(sum(counts))
-        histories = [RowHistory() for _ in payloads] if mixing else None
+        histories = [RowHistory() for _ in payloads] if mixer_version else None
+        biases = AdaptiveBias(len(payloads), self.tokenizer.alphabet_size) if mixer_version >= 2 else None
         for _step, live, freq in self._lockstep(counts, context, lambda step, r: sequences[r][step]):
+            rows = live
+            if biases:  # the biased tables of the live rows, searched below as rows 0, 1, ...
+                freq = biases.tables(freq if len(live) == len(payloads) else freq[live], live)
+                rows = list(range(len(live)))
 
             def targets_for(totals: list[int], live: list[int] = live) -> list[int]:
                 return [decoders[r].target(total) for r, total in zip(live, totals, strict=True)]
@@ -182,8 +199,10 @@ class LlmCoder:
             predictions = None
             if histories:
                 live_histories = [histories[r] for r in live]
-                predictions = predict_step(row_totals(freq, live), live_histories)
-            symbols, starts, sizes, lm_sizes = decode_symbols(freq, live, predictions, targets_for)
+                predictions = predict_step(row_totals(freq, rows), live_histories)
+            symbols, starts, sizes, lm_sizes = decode_symbols(freq, rows, predictions, targets_for)
+            if biases:
+                biases.learn(freq, live, symbols)
             if histories:
                 learn_step(live_histories, predictions, symbols, lm_sizes)
             for r, symbol, start, size in zip(live, symbols, starts, sizes, strict=True):

@@ -284,6 +284,8 @@ class Compressor:
         self.chunk_size = chunk_size
         self.batch = batch
         self.mixing = mixing
+        self.mixer_version = mixer.VERSION if mixing else 0
+        """What the archive's tables are mixed with (``mixer.VERSIONS``); a benchmark may set an older one."""
         self.threads = threads
         engine = create_engine(numerics, self.model, threads, batch, device, dtype, load_in_8bit)
         engine.set_prompt(self.prompt)
@@ -368,7 +370,7 @@ class Compressor:
             "coder": {"name": "range64", "freq_bits": FREQ_BITS, "escape_symbols": ESCAPE_SYMBOLS},
             "batch": self.batch,
             "context": self.context.record(),
-            "mixer": mixer.record(self.mixing),
+            "mixer": mixer.record(self.mixer_version),
             "numerics": self._coder.engine.numerics(),
             "steering": self.prompt.record() if self.prompt else None,
         }
@@ -465,7 +467,7 @@ class Compressor:
         llm_blocks: dict[int, Block] = {}
         ideal: dict[int, float] = {}
         while candidates:
-            coded = self._coder.encode_group([symbols[i] for i in candidates], self.context, self.mixing)
+            coded = self._coder.encode_group([symbols[i] for i in candidates], self.context, self.mixer_version)
             llm_blocks = {
                 i: Block(BlockKind.LLM, 0, len(chunks[i]), payload, len(symbols[i]), crc32(chunks[i]))
                 for i, payload in zip(candidates, coded.payloads, strict=True)

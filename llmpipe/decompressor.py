@@ -314,7 +314,7 @@ class Decompressor:
             if prime != coder.tokenizer.prime_token:
                 raise ModelMismatchError("archive uses a different prime token than this tokenizer")
             payloads, counts = [p.block.payload for p in llm], [p.block.token_count for p in llm]
-            symbol_lists = coder.decode_group(payloads, counts, stream.context, stream.mixing)
+            symbol_lists = coder.decode_group(payloads, counts, stream.context, stream.mixer_version)
             for item, symbols in zip(llm, symbol_lists, strict=True):
                 try:
                     decoded[item.number] = coder.tokenizer.decode(symbols)
@@ -357,7 +357,7 @@ class _StreamSettings:
     batch: int  # largest group
     merge_rows: int  # rows decoded together for exact numerics; 0 for float (decode the coded groups)
     context: ContextWindow
-    mixing: bool
+    mixer_version: int  # mixer.VERSIONS, 0: none
 
     @classmethod
     def of(cls, header: dict, decoder_batch: int) -> _StreamSettings:
@@ -375,9 +375,9 @@ class _StreamSettings:
             context = ContextWindow(window, overlap)
         except ValueError as exc:
             raise ArchiveError(f"corrupt header: {exc}") from None
-        mixing = mixer.check_record(header.get("mixer"))
+        mixer_version = mixer.check_record(header.get("mixer"))
         rows = decoder_batch if exact else 0
-        return cls(header, min(batch * chunk_size, MAX_WINDOW), batch, rows, context, mixing)
+        return cls(header, min(batch * chunk_size, MAX_WINDOW), batch, rows, context, mixer_version)
 
     def flush_now(self, pending: list[_Pending]) -> bool:
         """Front to back, after a group closed: flush a full batch, plain blocks at once, and never hold

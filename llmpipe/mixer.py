@@ -35,7 +35,10 @@ from llmpipe.engine.native import kernels_for
 from llmpipe.errors import ArchiveError
 
 NAME = "ngram-match"
-VERSION = 1
+VERSIONS = (1, 2)
+"""1: the experts below mixed with the model's tables; 2: the same, on tables first biased by
+``adaptive_bias`` (written by this llmpipe; 1 is still decoded)."""
+VERSION = VERSIONS[-1]
 ORDERS = (1, 2, 3, 4, 6)
 MATCH_MIN = 4
 RATE = 1 / 32  # EM step size; a power of two, so scaling by it is exact
@@ -44,18 +47,21 @@ INITIAL_EXPERT_WEIGHT = 1 / 32
 MAX_MATCH_BUCKET = 15
 
 
-def record(enabled: bool) -> dict | None:
-    """The header's ``mixer`` field."""
-    return {"name": NAME, "version": VERSION} if enabled else None
+def record(version: int) -> dict | None:
+    """The header's ``mixer`` field for a version of :data:`VERSIONS`, or 0 for none."""
+    return {"name": NAME, "version": version} if version else None
 
 
-def check_record(value: object) -> bool:
-    """Whether a header's ``mixer`` field (absent means None) asks for mixing; unknown ones are refused."""
+def check_record(value: object) -> int:
+    """The mixer version a header's ``mixer`` field (absent means None) asks for, 0 for none; unknown
+    ones are refused."""
     if value is None:
-        return False
-    if value == record(True):
-        return True
-    raise ArchiveError(f"archive uses mixer {value!r}; this llmpipe implements {record(True)!r}")
+        return 0
+    for version in VERSIONS:
+        if value == {"name": NAME, "version": version}:
+            return version
+    known = " or ".join(repr({"name": NAME, "version": v}) for v in VERSIONS)
+    raise ArchiveError(f"archive uses mixer {value!r}; this llmpipe implements {known}")
 
 
 def _count_bucket(n: int) -> int:

@@ -35,6 +35,12 @@ def check_golden(name: str, compressor: Compressor, decompressor: Decompressor, 
     assert _blocks(archive) == _blocks(golden), "the encoder's blocks changed"
 
 
+def decode_golden(name: str, decompressor: Decompressor, source: bytes) -> None:
+    """An archive an earlier llmpipe wrote, in a format version it no longer writes: it must still decode."""
+    golden = base64.b64decode(json.loads((GOLDEN / f"{name}.json").read_text())["archive_base64"])
+    assert decompressor.decompress(golden) == source
+
+
 def _blocks(archive: bytes) -> tuple[bytes, bytes]:
     """The blocks and the index entries: what the encoder decided, apart from the header and its size."""
     before_index, _, _, _, entries = split_index(archive)

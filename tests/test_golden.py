@@ -2,7 +2,7 @@
 
 from llmpipe.compressor import Compressor
 from llmpipe.decompressor import Decompressor
-from tests.golden_archives import check_golden
+from tests.golden_archives import check_golden, decode_golden
 from tests.tiny_model import DATA
 
 SOURCE = (DATA / "alice_chapter1.txt").read_bytes()[:3000] + b"\xff\x00<|im_start|>\r\n" + bytes(range(256))
@@ -16,7 +16,13 @@ ABOUT = (
 
 def test_golden_archive(tiny_model):
     compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1)
-    check_golden("tiny_model", compressor, Decompressor(tiny_model), SOURCE, ABOUT + ", mixer ngram-match v1")
+    about = ABOUT + ", mixer ngram-match v2"
+    check_golden("tiny_model_mixer_v2", compressor, Decompressor(tiny_model), SOURCE, about)
+
+
+def test_golden_archive_of_mixer_v1_still_decodes(tiny_model):
+    """Written before the adaptive bias (mixer version 1, session 8): no longer written, still decoded."""
+    decode_golden("tiny_model", Decompressor(tiny_model), SOURCE)
 
 
 def test_golden_archive_without_mixer(tiny_model):
@@ -28,5 +34,5 @@ def test_golden_archive_without_mixer(tiny_model):
 def test_golden_archive_with_steering(tiny_model):
     """A random steering prompt (vectors from SHA-256, FORMAT.md section 5) changes no bit over time."""
     compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1, steer="random:4:9")
-    about = ABOUT + ", mixer ngram-match v1, --steer random:4:9"
+    about = ABOUT + ", mixer ngram-match v2, --steer random:4:9"
     check_golden("tiny_model_steer_random", compressor, Decompressor(tiny_model), SOURCE, about)

@@ -131,7 +131,7 @@ def test_header_records_the_mixer_and_none_round_trips(tiny_model):
     data = (DATA / "alice_chapter1.txt").read_bytes()[:1500]
     on = Compressor(tiny_model, chunk_size=500, batch=3, threads=1).compress(data)
     off = Compressor(tiny_model, chunk_size=500, batch=3, threads=1, mixing=False).compress(data)
-    assert split_header(on)[0]["mixer"] == {"name": "ngram-match", "version": 1}
+    assert split_header(on)[0]["mixer"] == {"name": "ngram-match", "version": 2}
     assert split_header(off)[0]["mixer"] is None
     assert Decompressor(tiny_model).decompress(on) == data
     assert Decompressor(tiny_model).decompress(off) == data
@@ -141,15 +141,16 @@ def test_unknown_mixer_is_refused_before_decoding(tiny_model):
     data = (DATA / "alice_chapter1.txt").read_bytes()[:800]
     archive = Compressor(tiny_model, chunk_size=400, batch=2, threads=1).compress(data)
     header, _ = split_header(archive)
-    header["mixer"] = {"name": "ngram-match", "version": 2}
+    header["mixer"] = {"name": "ngram-match", "version": 3}
     with pytest.raises(ArchiveError, match="mixer"):
         Decompressor(tiny_model).decompress(with_header(archive, header))
 
 
 def test_record_round_trips():
-    assert mixer.check_record(mixer.record(True)) is True
-    assert mixer.check_record(mixer.record(False)) is False
-    assert mixer.check_record(None) is False
+    assert mixer.check_record(mixer.record(mixer.VERSION)) == mixer.VERSION == 2
+    assert mixer.check_record(mixer.record(1)) == 1  # archives from before the adaptive bias
+    assert mixer.check_record(mixer.record(0)) == 0
+    assert mixer.check_record(None) == 0
 
 
 def test_windows_whose_histories_cannot_fit_are_refused_up_front(tiny_model):

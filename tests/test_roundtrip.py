@@ -170,20 +170,24 @@ def test_exact_numerics_refuse_float_weight_options(tiny_model):
             Compressor(tiny_model, numerics="exact", **options)
 
 
-@pytest.mark.parametrize("mixing", [False, True])
+@pytest.mark.parametrize("mixer_version", [0, 1, 2])
 @pytest.mark.parametrize("context", [ContextWindow(), ContextWindow(40, 13)])
-def test_exact_payloads_are_independent_of_batch_and_threads(tiny_model, context, mixing):
+def test_exact_payloads_are_independent_of_batch_and_threads(tiny_model, context, mixer_version):
     """A chunk's exact code does not depend on what it is batched with, nor on the thread count."""
     from llmpipe.codec import LlmCoder
     from llmpipe.engine.exact_engine import ExactEngine
 
     tokenizer = tiny_model.tokenizer
     rows = [tokenizer.encode(TEXT[a : a + 300]) for a in (0, 300, 900)]
-    together = LlmCoder(ExactEngine(tiny_model, threads=2), tokenizer).encode_group(rows, context, mixing).payloads
-    alone = LlmCoder(ExactEngine(tiny_model, threads=1), tokenizer).encode_group(rows[1:2], context, mixing).payloads
+    together = (
+        LlmCoder(ExactEngine(tiny_model, threads=2), tokenizer).encode_group(rows, context, mixer_version).payloads
+    )
+    alone = (
+        LlmCoder(ExactEngine(tiny_model, threads=1), tokenizer).encode_group(rows[1:2], context, mixer_version).payloads
+    )
     assert alone[0] == together[1]
     decoded = LlmCoder(ExactEngine(tiny_model, threads=1), tokenizer).decode_group(
-        together[::-1], [len(r) for r in rows[::-1]], context, mixing
+        together[::-1], [len(r) for r in rows[::-1]], context, mixer_version
     )
     assert decoded == rows[::-1]  # decoded in another order and batch than encoded
 
@@ -214,7 +218,7 @@ def test_context_window_matches_its_definition(tiny_model):
     x = [tokenizer.prime_token] + [tokenizer.model_input(s) for s in symbols[:-1]]
     starts = context.starts(len(x))
     assert starts == [0, 10, 16, 22, 28]
-    coded = LlmCoder(engine, tokenizer).encode_group([symbols], context, mixing=False)
+    coded = LlmCoder(engine, tokenizer).encode_group([symbols], context, mixer_version=0)
     ideal = 0.0
     for i, symbol in enumerate(symbols):
         k = max(j for j, a in enumerate(starts) if a <= i)

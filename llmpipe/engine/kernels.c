@@ -500,3 +500,44 @@ void find_mixed(const double *freq, const int64_t *index, const double *lm_weigh
         lm_sizes[i] = f[v];
     }
 }
+
+/* adaptive_bias.AdaptiveBias.tables: the model tables freq (n, width) float64 integers, row k biased by
+ * bias row rows[k] (int32, width per row, |B| <= limit, limit a multiple of 256) -> out (n, width):
+ * P = (F - 1) * multipliers[(B + limit) >> 8] (integers below 2^53), total = sum P (exact in any order),
+ * out = 1 + floor(P * (budget / total)). */
+void bias_tables(const double *freq, const int64_t *rows, const int32_t *bias, const double *multipliers,
+                 int32_t limit, double budget, double *out, int64_t n, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < n; k++) {
+        const double *f = freq + k * width;
+        const int32_t *b = bias + rows[k] * width;
+        double *o = out + k * width;
+        double total = 0.0;
+        for (int64_t v = 0; v < width; v++) {
+            o[v] = (f[v] - 1.0) * multipliers[(b[v] + limit) >> 8];
+            total += o[v];
+        }
+        const double share = budget / total;
+        for (int64_t v = 0; v < width; v++) o[v] = 1.0 + floor(o[v] * share);
+    }
+}
+
+/* adaptive_bias.AdaptiveBias.learn: for each k, bias row rows[k] takes one gradient step after its biased
+ * table tables[k] (float64 integers) coded symbols[k]: B -= floor(t * (rate / sum t)), B[symbol] += rate,
+ * clamped to [-limit, limit]. */
+void bias_learn(const double *tables, const int64_t *rows, const int64_t *symbols, int32_t *bias, int32_t rate,
+                int32_t limit, int64_t n, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < n; k++) {
+        const double *t = tables + k * width;
+        int32_t *b = bias + rows[k] * width;
+        double total = 0.0; /* integers below 2^53: exact in any order */
+        for (int64_t v = 0; v < width; v++) total += t[v];
+        const double ratio = (double)rate / total;
+        b[symbols[k]] += rate;
+        for (int64_t v = 0; v < width; v++) {
+            const int32_t x = b[v] - (int32_t)floor(t[v] * ratio);
+            b[v] = x < -limit ? -limit : x > limit ? limit : x;
+        }
+    }
+}

@@ -137,6 +137,8 @@ class Kernels:
             "frequency_tables": [pointer, ctypes.c_float, pointer, _INT64, ctypes.c_double, pointer]
             + [_INT64] * 3
             + [count],
+            "bias_tables": [pointer] * 4 + [ctypes.c_int32, ctypes.c_double, pointer] + [_INT64] * 2 + [count],
+            "bias_learn": [pointer] * 4 + [ctypes.c_int32] * 2 + [_INT64] * 2 + [count],
         }
         for name, arguments in signatures.items():
             function = getattr(library, name)
@@ -261,6 +263,35 @@ class Kernels:
         pointers = (logits.data_ptr(), grid, exp.data_ptr(), len(exp), budget, freq.data_ptr())
         self._library.frequency_tables(*pointers, rows, vocab, vocab + extra, torch.get_num_threads())
         return freq
+
+    def bias_tables(
+        self,
+        freq: torch.Tensor,
+        rows: list[int],
+        bias: torch.Tensor,
+        multipliers: torch.Tensor,
+        limit: int,
+        budget: float,
+    ) -> torch.Tensor:
+        """``adaptive_bias.AdaptiveBias.tables``: float64 ``freq`` (n, W), ``freq[k]`` biased by the int32
+        ``bias`` row ``rows[k]`` -> (n, W) float64."""
+        freq = freq.contiguous()
+        n, width = freq.shape
+        out = torch.empty(n, width, dtype=torch.float64)
+        index = torch.tensor(rows, dtype=torch.int64)
+        pointers = (freq.data_ptr(), index.data_ptr(), bias.data_ptr(), multipliers.data_ptr(), limit, budget)
+        self._library.bias_tables(*pointers, out.data_ptr(), n, width, torch.get_num_threads())
+        return out
+
+    def bias_learn(
+        self, tables: torch.Tensor, rows: list[int], symbols: list[int], bias: torch.Tensor, rate: int, limit: int
+    ) -> None:
+        """``adaptive_bias.AdaptiveBias.learn``: updates the int32 ``bias`` rows ``rows`` in place."""
+        tables = tables.contiguous()
+        index = torch.tensor(rows, dtype=torch.int64)
+        coded = torch.tensor(symbols, dtype=torch.int64)
+        pointers = (tables.data_ptr(), index.data_ptr(), coded.data_ptr(), bias.data_ptr(), rate, limit)
+        self._library.bias_learn(*pointers, len(rows), tables.shape[1], torch.get_num_threads())
 
     def row_totals(self, freq: torch.Tensor, rows: list[int]) -> list[float]:
         """The sums of ``rows`` of ``freq`` (B, V) float64 integers: ``mixed_totals`` unmixed."""

@@ -92,6 +92,10 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
+BIAS_BYTES_PER_SYMBOL = 4 + 8
+"""A row's adaptive bias per symbol of the alphabet: its int32 bias and its float64 biased table."""
+
+
 def plan_memory(
     config: ModelConfig,
     *,
@@ -145,6 +149,7 @@ def plan_memory(
     parts["KV cache"] = batch * kv_row
     per_row = kv_row
     if row_symbols:  # the mixer runs in the host's memory
-        (parts if device == "cpu" else host)["mixer history"] = batch * row_symbols * HISTORY_BYTES_PER_SYMBOL
-        per_row += row_symbols * HISTORY_BYTES_PER_SYMBOL if device == "cpu" else 0
+        mixer_row = row_symbols * HISTORY_BYTES_PER_SYMBOL + (vocab + ESCAPE_SYMBOLS) * BIAS_BYTES_PER_SYMBOL
+        (parts if device == "cpu" else host)["mixer history and adaptive bias"] = batch * mixer_row
+        per_row += mixer_row if device == "cpu" else 0
     return MemoryPlan(parts, host, limit, device, per_row, batch)

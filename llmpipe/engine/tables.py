@@ -21,7 +21,7 @@ import numpy as np
 _CONTEXT = decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)
 
 
-def _dexp(x: decimal.Decimal) -> decimal.Decimal:
+def decimal_exp(x: decimal.Decimal) -> decimal.Decimal:
     return _CONTEXT.exp(x)
 
 
@@ -37,7 +37,7 @@ def exp_table(grid: int, out_bits: int) -> np.ndarray:
     scale = decimal.Decimal(2) ** out_bits
     k = 0
     while True:
-        v = int((scale * _dexp(decimal.Decimal(-k) / grid)).to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
+        v = int((scale * decimal_exp(decimal.Decimal(-k) / grid)).to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
         values.append(v)
         if v == 0:
             return np.array(values, dtype=np.int64)
@@ -53,7 +53,7 @@ _PI = decimal.Decimal("3.1415926535897932384626433832795028841971693993751058209
 
 
 def _silu(x: decimal.Decimal) -> decimal.Decimal:
-    return _CONTEXT.divide(x, 1 + _dexp(-x))
+    return _CONTEXT.divide(x, 1 + decimal_exp(-x))
 
 
 def gaussian_cdf(x: decimal.Decimal) -> decimal.Decimal:
@@ -69,7 +69,7 @@ def gaussian_cdf(x: decimal.Decimal) -> decimal.Decimal:
         n += 1
         term = ctx.divide(ctx.multiply(term, two_z2), 2 * n + 1)
         total = ctx.add(total, term)
-    erf = ctx.multiply(ctx.divide(2, ctx.sqrt(_PI)), ctx.multiply(_dexp(-z * z), total))
+    erf = ctx.multiply(ctx.divide(2, ctx.sqrt(_PI)), ctx.multiply(decimal_exp(-z * z), total))
     return ctx.divide(1 + erf, 2)
 
 
@@ -80,7 +80,7 @@ def _gelu_positive(x: decimal.Decimal) -> decimal.Decimal:
 def _gelu_tanh(x: decimal.Decimal) -> decimal.Decimal:
     ctx = _CONTEXT
     u = ctx.multiply(ctx.sqrt(ctx.divide(2, _PI)), x + decimal.Decimal("0.044715") * x * x * x)
-    tanh = 1 - ctx.divide(2, _dexp(2 * u) + 1)
+    tanh = 1 - ctx.divide(2, decimal_exp(2 * u) + 1)
     return ctx.multiply(ctx.multiply(decimal.Decimal("0.5"), x), 1 + tanh)
 
 
@@ -124,7 +124,7 @@ def rope_inverse_frequencies(theta: float, head_dim: int) -> np.ndarray:
     """``theta ** (-2i / head_dim)`` for i < head_dim / 2, correctly rounded to float64 via ``decimal``."""
     half = head_dim // 2
     log_theta = _CONTEXT.ln(decimal.Decimal(repr(theta)))
-    return np.array([float(_dexp(-log_theta * i / half)) for i in range(half)], dtype=np.float64)
+    return np.array([float(decimal_exp(-log_theta * i / half)) for i in range(half)], dtype=np.float64)
 
 
 def rope_tables(theta: float, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
