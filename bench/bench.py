@@ -53,6 +53,7 @@ DEFAULT_FILES = [
     "canterbury/alice29.txt",
     "calgary/book1",
     "calgary/paper1",
+    "calgary/news",
     "canterbury/kennedy.xls",
 ]
 FAMOUS = {"alice29.txt", "book1", "bible.txt"}  # likely in the model's training data
@@ -192,7 +193,7 @@ def compare_numerics(args: argparse.Namespace) -> None:
     save(args.name, {"kind": "numerics", "model": model.name, "rows": rows})
 
 
-MIXING_FILES = [*DEFAULT_FILES[:4], "calgary/news"]
+MIXING_FILES = DEFAULT_FILES[:5]
 
 
 def compare_mixing(args: argparse.Namespace) -> None:
@@ -213,7 +214,8 @@ def compare_mixing(args: argparse.Namespace) -> None:
     versions = (("on", mixer.VERSION), ("no bias", 1), ("off", 0))
     settings = {label: lambda data, v=version: compressor(data, v) for label, version in versions}
     rows = compare_settings(args, MIXING_FILES, settings)
-    save(args.name, {"kind": "mixing", "model": model.name, "chunk_size": DEFAULT_CHUNK_SIZE, "rows": rows})
+    payload = {"kind": "mixing", "model": model.name, "numerics": "exact", "chunk_size": DEFAULT_CHUNK_SIZE}
+    save(args.name, {**payload, "rows": rows})
 
 
 def sweep(args: argparse.Namespace) -> None:

@@ -104,4 +104,3 @@ def test_kernels_give_the_torch_paths_bits(built, seed, rows, steps):  # noqa: F
             reference.learn(expected, live, symbols)
         assert torch.equal(table, expected)
         assert torch.equal(compiled.bias, reference.bias)
-
