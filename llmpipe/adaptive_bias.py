@@ -46,7 +46,7 @@ GRID_SHIFT = 8  # M is looked up on a 1/256 nat grid: B >> 8
 MULTIPLIER_BITS = 16
 LIMIT_STEPS = 6 * 256  # |B| <= 6 nat: the largest multiplier, 2^16 e^6, stays below 2^24.7
 LIMIT = LIMIT_STEPS << GRID_SHIFT
-RATE = 13107  # the gradient step, 0.2 nat (13107 / 2^16), chosen on enwik8, alice29 and book1
+RATE = round(0.2 * (1 << UNIT_BITS))  # the gradient step, 0.2 nat (13107), chosen on enwik8, alice29, book1, news
 
 
 @cache
@@ -54,7 +54,11 @@ def multipliers() -> torch.Tensor:
     """``rnd(2^16 exp(k / 256))`` for ``k = -1536..1536``, float64 integers (index ``k + 1536``)."""
     scale = decimal.Decimal(2) ** MULTIPLIER_BITS
     values = [
-        int((scale * decimal_exp(decimal.Decimal(k) / 256)).to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
+        int(
+            (scale * decimal_exp(decimal.Decimal(k) / (1 << GRID_SHIFT))).to_integral_value(
+                rounding=decimal.ROUND_HALF_EVEN
+            )
+        )
         for k in range(-LIMIT_STEPS, LIMIT_STEPS + 1)
     ]
     return torch.tensor(values, dtype=torch.float64)

@@ -283,7 +283,6 @@ class Compressor:
             raise UsageError(f"{self.model.name} with --batch {batch}: {plan.verdict()}")
         self.chunk_size = chunk_size
         self.batch = batch
-        self.mixing = mixing
         self.mixer_version = mixer.VERSION if mixing else 0
         """What the archive's tables are mixed with (``mixer.VERSIONS``); a benchmark may set an older one."""
         self.threads = threads

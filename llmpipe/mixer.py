@@ -58,9 +58,9 @@ def check_record(value: object) -> int:
     if value is None:
         return 0
     for version in VERSIONS:
-        if value == {"name": NAME, "version": version}:
+        if value == record(version):
             return version
-    known = " or ".join(repr({"name": NAME, "version": v}) for v in VERSIONS)
+    known = " or ".join(repr(record(v)) for v in VERSIONS)
     raise ArchiveError(f"archive uses mixer {value!r}; this llmpipe implements {known}")
 
 

@@ -41,6 +41,8 @@ def check_kv_budget(rows: int, max_len: int, max_positions: int, bytes_per_posit
 
 HISTORY_BYTES_PER_SYMBOL = 1600
 """Memory of the mixer's history model per symbol (n-gram contexts, match index): 1,565 measured on enwik8."""
+BIAS_BYTES_PER_SYMBOL = 4 + 8
+"""A row's adaptive bias per symbol of the alphabet (not of the text): its int32 bias and its float64 biased table."""
 HISTORY_LIMIT = 8 << 30
 """Largest memory the history models of one group may take (bytes)."""
 HISTORY_SYMBOLS = HISTORY_LIMIT // HISTORY_BYTES_PER_SYMBOL

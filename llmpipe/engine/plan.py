@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from llmpipe.engine.exact_engine import HEAD_SLICE, TOKENS_PER_PASS
 from llmpipe.engine.exact_transformer import QUERY_BLOCK, ExactKVCache
 from llmpipe.engine.float_engine import DTYPES
-from llmpipe.engine.memory import HISTORY_BYTES_PER_SYMBOL
+from llmpipe.engine.memory import BIAS_BYTES_PER_SYMBOL, HISTORY_BYTES_PER_SYMBOL
 from llmpipe.models.config import ModelConfig
 from llmpipe.models.transformer import KVCache
 from llmpipe.tokenization import ESCAPE_SYMBOLS
@@ -90,10 +90,6 @@ class MemoryPlan:
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
-
-
-BIAS_BYTES_PER_SYMBOL = 4 + 8
-"""A row's adaptive bias per symbol of the alphabet: its int32 bias and its float64 biased table."""
 
 
 def plan_memory(
