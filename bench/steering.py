@@ -30,7 +30,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench import CORPUS, RESULTS, save  # noqa: E402
-from llmpipe.compressor import AUTO_MIN_BYTES, AUTO_TOKENS, Compressor, held_out_rows  # noqa: E402
+from llmpipe.compressor import (  # noqa: E402
+    AUTO_MIN_BYTES,
+    AUTO_TOKENS,
+    TRAIN_ROWS,
+    TRAIN_TOKENS,
+    Compressor,
+    held_out_rows,
+    sample_rows,
+)
 from llmpipe.models import cache  # noqa: E402
 from llmpipe.models.cache import LoadedModel  # noqa: E402
 from llmpipe.models.transformer import Transformer  # noqa: E402
@@ -44,6 +52,7 @@ from llmpipe.steering.hyperprior import (  # noqa: E402
 from llmpipe.steering.prompt import SteeringPrompt, learned_prompt, parse_steer, prompt_rows  # noqa: E402
 from llmpipe.steering.quantise import decode_coding, quantiser_label  # noqa: E402
 from llmpipe.steering.select import AUTO_MARGIN, best_learned, clears_margin, held_out_bits  # noqa: E402
+from llmpipe.steering.train import PromptTrainer  # noqa: E402
 
 STUDY_MODES = ("none", "fixed string", "static random soft prompt", "learned")
 AUTO_SLICE = 128 * 1024
@@ -159,6 +168,47 @@ def auto(args: argparse.Namespace) -> None:
             "none_projected": none_total,
             "best_projected": best.total if best else None,
             "slices": slices,
+        },
+    )
+
+
+CURVE_EPOCHS = (1, 2, 3, 4, 6, 8, 12, 16, 20)
+
+
+def curve(args: argparse.Namespace) -> None:
+    """How a learned token's held-out saving grows with training steps, on a file's first window as
+    ``--steer auto`` samples it: the data ``auto``'s probe rule rests on (``compressor.PROBE_EPOCHS``)."""
+    model = cache.load(args.model)
+    window = (CORPUS / args.file).read_bytes()[: args.bytes]
+    tokenizer = model.tokenizer
+    train = sample_rows(window, tokenizer, TRAIN_ROWS, TRAIN_TOKENS)
+    held_out = held_out_rows(window, tokenizer)
+    network = Transformer(model.config, model.weights, torch.float32)
+    held_bytes = sum(len(tokenizer.spellings[x]) for row in held_out for x in row[1:])
+    projection = len(window) / held_bytes
+    started = time.perf_counter()
+    plain = held_out_bits(network, held_out, None)
+    evaluation_seconds = time.perf_counter() - started
+    trainer = PromptTrainer(network, train, AUTO_TOKENS)
+    points, training_seconds = [], 0.0
+    for epochs in CURVE_EPOCHS:
+        started = time.perf_counter()
+        trainer.train(epochs - trainer.epochs)
+        training_seconds += time.perf_counter() - started
+        bits = held_out_bits(network, held_out, torch.from_numpy(trainer.vector().values))
+        points.append({"epochs": epochs, "held_out_bits": bits, "projected_saving": (plain - bits) * projection})
+        print(f"{args.file}: epoch {epochs}: projected saving {points[-1]['projected_saving']:.0f} bits")
+    save(
+        args.name,
+        {
+            "kind": "curve",
+            "file": args.file,
+            "bytes": len(window),
+            "plain_held_out_bits": plain,
+            "projection": projection,
+            "points": points,
+            "seconds_per_epoch": training_seconds / CURVE_EPOCHS[-1],
+            "seconds_per_evaluation": evaluation_seconds,
         },
     )
 
@@ -505,6 +555,13 @@ def main() -> None:
     p.add_argument("--slices", type=int, nargs="*", default=[], help="offsets of 128 KiB slices to measure")
     p.add_argument("--model")
     p.set_defaults(func=auto)
+    p = sub.add_parser("curve")
+    p.add_argument("--name", required=True, help="results name (curve-...)")
+    p.add_argument("--file", required=True, help="a corpus file, relative to ../shared/corpus")
+    p.add_argument("--bytes", type=int, default=2 * 1024 * 1024, help="the first window (default: 64 x 32 KiB)")
+    p.add_argument("--model")
+    p.set_defaults(func=curve)
+
     p = sub.add_parser("hyperpriors")
     p.add_argument("--name", required=True)
     p.add_argument("--model")
@@ -513,7 +570,7 @@ def main() -> None:
     p.add_argument("--write", help="write the report to this file (default: print it)")
     p.set_defaults(func=report)
     args = parser.parse_args()
-    if args.command in ("run", "auto") and not (CORPUS / args.file).exists():
+    if args.command in ("run", "auto", "curve") and not (CORPUS / args.file).exists():
         raise SystemExit(f"{CORPUS / args.file}: not found (the shared corpus is needed for the report)")
     args.func(args)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import decimal
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -64,6 +65,15 @@ def multipliers() -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+class BiasedRun(NamedTuple):
+    """:meth:`AdaptiveBias.run`'s result: the biased tables (n, W), each one's total and its symbol's
+    frequency in it (what the history mixer's prediction and update read)."""
+
+    tables: torch.Tensor
+    totals: list[float]
+    sizes: list[float]
+
+
 class AdaptiveBias:
     """The biases of a group's rows: ``tables`` before a position, ``learn`` after it, in order."""
 
@@ -92,15 +102,22 @@ class AdaptiveBias:
         bias[torch.arange(len(rows)), symbols] += RATE
         self.bias[rows] = bias.clamp_(-LIMIT, LIMIT)
 
-    def run(self, row: int, freq: torch.Tensor, symbols: list[int]) -> torch.Tensor:
+    def run(self, row: int, freq: torch.Tensor, symbols: list[int]) -> BiasedRun:
         """Encoder side: the biased tables of consecutive positions of ``row`` whose ``symbols`` are known
-        (``freq``: their model tables), learning after each position as the decoder will."""
+        (``freq``: their model tables), learning after each position as the decoder will. With the
+        compiled kernels in one call (``bias_run``), the same numbers as a :meth:`tables` then
+        :meth:`learn` per position."""
+        kernels = kernels_for(freq.device)
+        if kernels is not None and freq.dtype == torch.float64:
+            found = kernels.bias_run(freq, self.bias[row], symbols, multipliers(), RATE, LIMIT, self._budget())
+            return BiasedRun(*found)
         biased = torch.empty_like(freq)
         for i, symbol in enumerate(symbols):
             table = self.tables(freq[i : i + 1], [row])
             self.learn(table, [row], [symbol])
             biased[i] = table[0]
-        return biased
+        sizes = biased.gather(1, torch.tensor(symbols)[:, None])[:, 0]
+        return BiasedRun(biased, biased.sum(dim=1).tolist(), sizes.tolist())
 
     def _budget(self) -> float:
         return float((1 << FREQ_BITS) - self.bias.shape[1])

@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 from llmpipe import __version__
 from llmpipe.defaults import (
+    ALL_THREADS,
     DEFAULT_BATCH,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONTEXT,
@@ -32,7 +33,6 @@ from llmpipe.defaults import (
     DEFAULT_STEER,
     DEFAULT_STEER_EPOCHS,
     DEFAULT_STEER_SECONDS,
-    DEFAULT_THREADS,
     FLOAT_DTYPES,
 )
 from llmpipe.errors import DamagedArchiveError, LlmpipeError, UsageError
@@ -120,9 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         "-T",
         "--threads",
         type=int,
-        default=DEFAULT_THREADS,
+        default=ALL_THREADS,
         metavar="N",
-        help="compute threads (recorded in float archives; exact ones do not depend on it) (default %(default)s)",
+        help="compute threads; 0 (the default): one per CPU this process may use (recorded in float archives; "
+        "exact ones do not depend on it)",
     )
     p.add_argument(
         "--device",

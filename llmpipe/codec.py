@@ -30,7 +30,16 @@ from llmpipe.coder.frequencies import code_positions
 from llmpipe.coder.range_coder import RangeDecoder, RangeEncoder
 from llmpipe.engine.memory import HISTORY_SYMBOLS, check_history_budget
 from llmpipe.format.container import MAX_CONTEXT
-from llmpipe.mixer import RowHistory, decode_symbols, learn_step, mix_step, predict_step, row_totals
+from llmpipe.mixer import (
+    RowHistory,
+    code_run,
+    decode_symbols,
+    learn_step,
+    lm_sizes,
+    mix_step,
+    predict_step,
+    row_totals,
+)
 from llmpipe.tokenization import ByteTokenizer
 
 
@@ -147,11 +156,15 @@ class LlmCoder:
             for index, first, freq in self.engine.tables(inputs, skips):
                 row, a = segments[index]
                 run = sequences[row][a + first : a + first + len(freq)]
+                totals = sizes = None
                 if biases:
-                    freq = biases.run(row, freq, run)
+                    freq, totals, sizes = biases.run(row, freq, run)
                 if histories:
-                    freq = histories[row].mix_run(freq, run)
-                code(row, *code_positions(freq, torch.tensor(run)))
+                    if totals is None:  # mixer version 1: the model's own tables
+                        totals, sizes = freq.sum(dim=1).tolist(), lm_sizes(freq, run)
+                    code(row, *code_run(freq, run, histories[row].predict_run(run, totals, sizes)))
+                else:
+                    code(row, *code_positions(freq, torch.tensor(run)))
         else:  # replay the decoder's schedule exactly
             counts = [len(s) for s in sequences]
             for step, live, freq in self._lockstep(counts, context, lambda step, r: sequences[r][step]):

@@ -25,6 +25,7 @@ from llmpipe import __version__, mixer
 from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.coder.frequencies import FREQ_BITS
 from llmpipe.defaults import (
+    ALL_THREADS,
     DEFAULT_BATCH,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONTEXT,
@@ -32,7 +33,8 @@ from llmpipe.defaults import (
     DEFAULT_STEER,
     DEFAULT_STEER_EPOCHS,
     DEFAULT_STEER_SECONDS,
-    DEFAULT_THREADS,
+    MAX_THREADS,
+    resolve_threads,
 )
 from llmpipe.engine import create_engine, usable_device
 from llmpipe.engine.memory import available_memory, check_history_budget, check_kv_budget
@@ -225,7 +227,7 @@ class Compressor:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         batch: int | None = None,
-        threads: int = DEFAULT_THREADS,
+        threads: int = ALL_THREADS,
         numerics: str = "exact",
         context: int = DEFAULT_CONTEXT,
         overlap: int = DEFAULT_OVERLAP,
@@ -250,8 +252,9 @@ class Compressor:
             raise UsageError(f"batch must be between 1 and {MAX_ROWS}")
         if batch is not None and batch * chunk_size > MAX_WINDOW:
             raise UsageError(f"batch x chunk size must stay within {MAX_WINDOW >> 20} MiB")
-        if not 1 <= threads <= 256:
-            raise UsageError("threads must be between 1 and 256")
+        if not 0 <= threads <= MAX_THREADS:
+            raise UsageError(f"threads must be between 0 (every CPU) and {MAX_THREADS}")
+        threads = resolve_threads(threads)
         try:
             self.context = ContextWindow(context, overlap if context else 0)
         except ValueError as exc:

@@ -26,11 +26,18 @@ import zstandard
 from llmpipe import mixer
 from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.compressor import Stats
-from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_THREADS, FLOAT_DTYPES
+from llmpipe.defaults import ALL_THREADS, DEFAULT_BATCH, FLOAT_DTYPES, MAX_THREADS, resolve_threads
 from llmpipe.engine import create_engine, usable_device
 from llmpipe.engine.exact_transformer import NUMERICS_VERSION
 from llmpipe.engine.float_engine import numeric_fingerprint
-from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, ModelError, ModelMismatchError
+from llmpipe.errors import (
+    ArchiveError,
+    ChecksumError,
+    DamagedArchiveError,
+    ModelError,
+    ModelMismatchError,
+    UsageError,
+)
 from llmpipe.format.container import (
     FLAG_GROUP_START,
     MAX_CHUNK_SIZE,
@@ -88,14 +95,16 @@ class Decompressor:
         model: str | LoadedModel | None = None,
         *,
         force: bool = False,
-        threads: int = DEFAULT_THREADS,
+        threads: int = ALL_THREADS,
         batch: int = DEFAULT_BATCH,
         device: str = "cpu",
     ) -> None:
         self._model_spec = model
         self._device = device
         self._force = force
-        self._threads = threads
+        if not 0 <= threads <= MAX_THREADS:
+            raise UsageError(f"threads must be between 0 (every CPU) and {MAX_THREADS}")
+        self._threads = resolve_threads(threads)
         self._batch = batch  # rows decoded together for exact archives (float ones keep the encoder's groups)
         self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None
         self._coder: LlmCoder | None = None

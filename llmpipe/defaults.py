@@ -9,12 +9,28 @@ more fill a batch of them) gain 1.0% more at the same speed per row. Longer
 windows or overlaps gain 0.2-0.6% more but decode below 75% of 8 KB chunks.
 """
 
+import os
+
 DEFAULT_CHUNK_SIZE = 32768
 DEFAULT_BATCH = 64
-DEFAULT_THREADS = 2
+ALL_THREADS = 0  # ``-T 0``, the default: one thread per CPU this process may use (zstd's convention)
+MAX_THREADS = 256
 DEFAULT_CONTEXT = 2048  # tokens a prediction sees at most; 0: the whole chunk
 DEFAULT_OVERLAP = 512  # tokens kept when the context window restarts
 DEFAULT_STEER = "auto"  # learn a prompt only where the projected saving clears its cost (STEERING.md)
 DEFAULT_STEER_EPOCHS = 20  # training steps of a learned prompt (STEERING.md: what 20 steps gain)
 DEFAULT_STEER_SECONDS = 600.0  # ... and their time limit
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # --dtype choices of the float engine
+
+
+def resolve_threads(threads: int) -> int:
+    """``threads`` itself, or for :data:`ALL_THREADS` the CPUs this process may run on (its affinity mask,
+    which containers and ``taskset`` narrow; ``os.cpu_count()`` where there is none), at most
+    :data:`MAX_THREADS`. Exact archives do not depend on it; float ones record it."""
+    if threads != ALL_THREADS:
+        return threads
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, available))

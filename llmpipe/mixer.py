@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmpipe.coder.frequencies import find_symbols
+from llmpipe.coder.frequencies import code_positions, find_symbols
 from llmpipe.engine.native import kernels_for
 from llmpipe.errors import ArchiveError
 
@@ -154,17 +154,34 @@ class RowHistory:
                 self._match = self._last_seen[recent]
             self._last_seen[recent] = len(self.symbols)
 
-    def mix_run(self, freq: torch.Tensor, symbols: list[int]) -> torch.Tensor:
-        """Encoder side: the mixed tables of consecutive positions whose symbols are known, learning as it goes.
-
-        ``freq`` (the LM tables) is mixed in place and returned.
-        """
+    def predict_run(self, symbols: list[int], totals: list[float], sizes: list[float]) -> list[Prediction]:
+        """Encoder side: the predictions for consecutive positions whose ``symbols`` are known, learning as it
+        goes; ``totals`` are their LM tables' totals and ``sizes`` each symbol's frequency there."""
         predictions = []
-        for symbol, total, size in zip(symbols, freq.sum(dim=1).tolist(), lm_sizes(freq, symbols), strict=True):
+        for symbol, total, size in zip(symbols, totals, sizes, strict=True):
             prediction = self.predict(total)
             predictions.append(prediction)
             self.update(prediction, symbol, size)
-        return mix_tables(freq, predictions)  # the LM tables are not needed after this
+        return predictions
+
+    def mix_run(self, freq: torch.Tensor, symbols: list[int]) -> torch.Tensor:
+        """The mixed tables of consecutive positions whose symbols are known (``freq``, the LM tables, is
+        mixed in place and returned): what :func:`code_run` codes in, built."""
+        predictions = self.predict_run(symbols, freq.sum(dim=1).tolist(), lm_sizes(freq, symbols))
+        return mix_tables(freq, predictions)
+
+
+def code_run(
+    freq: torch.Tensor, symbols: list[int], predictions: list[Prediction]
+) -> tuple[list[int], list[int], list[int]]:
+    """Encoder side: each known symbol's start and size in the mixed table of its position (the LM tables
+    ``freq`` mixed with ``predictions``) and the table's total; with the compiled kernels in one pass per
+    position, without building the mixed tables (``freq`` is left as it is then, and mixed in place
+    otherwise)."""
+    kernels = kernels_for(freq.device)
+    if kernels is not None and freq.dtype == torch.float64:
+        return kernels.code_mixed(freq, [p.lm_weight for p in predictions], [p.masses for p in predictions], symbols)
+    return code_positions(mix_tables(freq, predictions), torch.tensor(symbols))
 
 
 def mix_step(freq: torch.Tensor, histories: list[RowHistory], symbols: list[int]) -> torch.Tensor:

@@ -62,7 +62,7 @@ def test_a_run_equals_position_by_position_tables_and_steps():
     freq = lm_tables(40, 9)
     symbols = np.random.default_rng(9).integers(0, freq.shape[1], size=40).tolist()
     whole = AdaptiveBias(2, freq.shape[1])
-    run = whole.run(1, freq, symbols)
+    run = whole.run(1, freq, symbols).tables
     stepped = AdaptiveBias(2, freq.shape[1])
     for i, symbol in enumerate(symbols):
         table = stepped.tables(freq[i : i + 1], [1])

@@ -55,6 +55,23 @@ def test_archive_from_batch_1_one_thread_decodes_with_batch_64_two_threads(tiny_
     assert restored.stdout == TEXT
 
 
+def test_exact_archives_are_the_same_bytes_at_every_thread_count(tiny_model_dir):
+    """-T 1, 2 and 3 and -T 0 (every CPU) make the same exact archive: the thread count is not in it."""
+    model = ["--model", str(tiny_model_dir), "--chunk-size", "1024"]
+    archives = {threads: run(["-c", *model, "-T", threads], TEXT * 3) for threads in ("1", "2", "3", "0")}
+    assert all(done.returncode == 0 for done in archives.values())
+    assert len({done.stdout for done in archives.values()}) == 1
+
+
+def test_default_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    from llmpipe import defaults
+
+    assert defaults.resolve_threads(3) == 3
+    assert defaults.resolve_threads(defaults.ALL_THREADS) == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})  # as under taskset or a container
+    assert defaults.resolve_threads(defaults.ALL_THREADS) == 5
+
+
 def test_float_archive_records_its_numerics(tiny_model_dir):
     packed = run(["-c", "--model", str(tiny_model_dir), "--numerics", "float", "--chunk-size", "512"], TEXT)
     assert packed.returncode == 0, packed.stderr

@@ -64,7 +64,12 @@ def frequency_tables_torch(logits: torch.Tensor, extra_symbols: int, freq_bits: 
 
 
 def code_positions(freq: torch.Tensor, symbols: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
-    """For rows of ``freq`` and one symbol per row: the symbol's (start, size) and the row total, as ints."""
+    """For rows of ``freq`` and one symbol per row: the symbol's (start, size) and the row total, as ints
+    (in one pass per row of the compiled kernel where there is one)."""
+    kernels = kernels_for(freq.device)
+    if kernels is not None and freq.dtype == torch.float64:
+        rows = len(symbols)
+        return kernels.code_mixed(freq, [1.0] * rows, [{}] * rows, symbols.tolist())  # weight 1: the table itself
     size = freq.gather(1, symbols[:, None])[:, 0]
     start = [int(row[:symbol].sum()) for row, symbol in zip(freq, symbols.tolist(), strict=True)]  # no (B, V) temporary
     total = freq.sum(dim=1)

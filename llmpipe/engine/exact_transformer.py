@@ -33,9 +33,10 @@ Every reduction is exact and every other step is an elementwise IEEE
 operation, so a position gets identical logits whether it is computed in a
 full-sequence pass (the encoder) or one step at a time through the KV cache
 (the decoder), alone or in any batch, with any number of threads. On the CPU,
-decoding steps and passes of up to ``NATIVE_MAX_QUERIES`` positions run the
-same operations in the compiled kernels of ``native`` (``kernels.c``), which
-are checked against this module's torch path.
+decoding steps and full-sequence passes run the same operations in the
+compiled kernels of ``native`` (``kernels.c``: the matrix products, attention
+over the int8 cache, norms, activations),
+which are checked against this module's torch path.
 """
 
 from __future__ import annotations
@@ -65,9 +66,6 @@ KV_MAX = 127
 ATTENTION_GRID = 64  # softmax exponent resolution inside attention: 1/64
 ATTENTION_ONE = 1 << 15  # attention weights are fixed point with this unit
 QUERY_BLOCK = 64  # full-sequence attention handles this many query positions at a time (memory only)
-NATIVE_MAX_QUERIES = 16
-"""Passes of at most this many positions per row use the compiled kernels (reading int8 is what they
-save); longer ones, compute-bound, run the float32 GEMMs."""
 
 
 class ExactWeight:
@@ -92,6 +90,9 @@ class ExactWeight:
         ``mean`` (``(M, 1)`` float64, LayerNorm only) is subtracted from every
         input element, as ``W q - mean * W 1`` after the exact product.
         """
+        if self.kernels is not None and self.kernels.products_win:  # one int16 product per weight, same bits
+            sums = None if mean is None else self.row_sums
+            return self.kernels.exact_matmul(xq, row_scale, self.q_t, self.scale, self.bias, mean, sums)
         if mean is None and self.kernels is not None:
             return self.kernels.combine_products(int8_products(xq, self.q_t), row_scale, self.scale, self.bias)
         high, low = int16_int8_matmul(xq, self.q_t)  # (M, N) int32 each, exact
@@ -359,7 +360,7 @@ class ExactTransformer:
         group = heads // kv_heads
         end = start + t
         rope = None if cfg.positions != "rope" else (self.rope_cos[start:end], self.rope_sin[start:end])
-        if self.attention_kernels is not None and t <= NATIVE_MAX_QUERIES:
+        if self.attention_kernels is not None:
             planes = (cache.keys[layer], cache.values[layer], cache.key_scales[layer], cache.value_scales[layer])
             limits, factor = (ACT_MAX, KV_MAX), float(self.score_factor)
             qq, qs = self.kernels.prepare_qkv(qkv, (b, t, heads, kv_heads, hd), rope, factor, limits, planes, start)

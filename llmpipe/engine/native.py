@@ -25,8 +25,9 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import torch
@@ -121,7 +122,7 @@ class Kernels:
         signatures = {
             "quantize_rows": [pointer] * 3 + [_INT64] * 2 + [ctypes.c_float, count],
             "split_bytes": [pointer] * 2 + [_INT64] * 2 + [count],
-            "attention": [pointer] * 7 + [_INT64] + [pointer] * 2 + [_INT64] * 7 + [count],
+            "attention": [pointer] * 7 + [_INT64, pointer] + [_INT64] * 7 + [count],
             "combine_products": [pointer] * 5 + [_INT64] * 2 + [count],
             "rms_norm_quantize": [pointer] * 3 + [_INT64] * 2 + [ctypes.c_float, ctypes.c_double, count],
             "prepare_qkv": [pointer]
@@ -139,11 +140,45 @@ class Kernels:
             + [count],
             "bias_tables": [pointer] * 4 + [ctypes.c_int32, ctypes.c_double, pointer] + [_INT64] * 2 + [count],
             "bias_learn": [pointer] * 4 + [ctypes.c_int32] * 2 + [_INT64] * 2 + [count],
+            "exact_matmul": [pointer] * 8 + [_INT64] * 3 + [count],
+            "bias_run": [pointer] * 4
+            + [ctypes.c_int32] * 2
+            + [ctypes.c_double]
+            + [pointer] * 3
+            + [_INT64] * 2
+            + [count],
+            "code_mixed": [pointer] * 10 + [_INT64] * 2 + [count],
         }
         for name, arguments in signatures.items():
             function = getattr(library, name)
-            function.restype = None
+            function.restype = ctypes.c_int if name in ("attention", "exact_matmul") else None
             function.argtypes = arguments
+
+    @cached_property
+    def products_win(self) -> bool:
+        """Is :meth:`exact_matmul` faster here than torch's int8 product of the split rows with
+        :meth:`combine_products` (the same bits)? Timed once on a decoding step's shape: torch's CPU product
+        is fast only where oneDNN has int8 instructions for it (AVX-512 VNNI, AMX); elsewhere it ran
+        at 1 G multiply-adds per second, 60-90x slower than this kernel."""
+        from llmpipe.engine.integer_ops import ACT_MAX, int8_products
+
+        generator = torch.Generator().manual_seed(0)
+        q = torch.randint(-ACT_MAX, ACT_MAX + 1, (64, 576), generator=generator).float()
+        weight = torch.randint(-127, 128, (576, 576), generator=generator, dtype=torch.int8)
+        row_scale, scale = torch.ones(64, 1), torch.ones(576)
+
+        def fastest(product: Callable[[], object]) -> float:
+            product()  # warm up (first-use checks, allocations)
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                product()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        own = fastest(lambda: self.exact_matmul(q, row_scale, weight, scale, None))
+        theirs = fastest(lambda: self.combine_products(int8_products(q, weight), row_scale, scale, None))
+        return own < theirs
 
     @staticmethod
     def _rows(cached: torch.Tensor) -> tuple[int, int]:
@@ -172,11 +207,11 @@ class Kernels:
         q, qscale = q.contiguous(), qscale.contiguous()
         _, group, queries, hd = q.shape
         out = torch.empty(n, group, queries, hd)
-        scratch = torch.empty(n, group * queries, length)
         pointers = [t.data_ptr() for t in (q, qscale, keys, values, key_scales, value_scales, exp)]
         sizes = (n, group, queries, hd, length, kv_stride, key_scales.stride(0))
         threads = torch.get_num_threads()
-        self._library.attention(*pointers, len(exp), scratch.data_ptr(), out.data_ptr(), *sizes, threads)
+        if self._library.attention(*pointers, len(exp), out.data_ptr(), *sizes, threads):
+            raise MemoryError("attention: no memory for its scratch rows")
         return out
 
     def rms_norm_quantize(self, x: torch.Tensor, qmax: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +275,30 @@ class Kernels:
         self._library.combine_products(*pointers, rows, cols, torch.get_num_threads())
         return out
 
+    def exact_matmul(
+        self,
+        q: torch.Tensor,
+        row_scale: torch.Tensor,
+        weight_t: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor | None = None,
+        row_sums: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``ExactWeight``'s float32 output (M, N) for integer-valued float32 ``q`` (M, K) with (M, 1) row
+        scales, int8 ``weight_t`` (K, N), (N,) scales and bias (or None); with ``mean`` (M, 1) and ``row_sums``
+        (N,) float64 for LayerNorm rows. One int16 product per weight (``kernels.c``), the spec's bits."""
+        q, row_scale, weight_t = q.contiguous(), row_scale.contiguous(), weight_t.contiguous()
+        rows, depth = q.shape
+        out = torch.empty(rows, weight_t.shape[1])
+        if mean is not None:
+            mean, row_sums = mean.contiguous(), row_sums.contiguous()
+        tensors = (q, row_scale, weight_t, scale, bias, mean, row_sums, out)
+        pointers = [t.data_ptr() if t is not None else None for t in tensors]
+        if self._library.exact_matmul(*pointers, rows, depth, weight_t.shape[1], torch.get_num_threads()):
+            raise MemoryError("exact_matmul: no memory for its scratch rows")
+        return out
+
     def activation(self, x: torch.Tensor, up: torch.Tensor | None, grid: float, table: torch.Tensor) -> torch.Tensor:
         """``ExactTransformer._activation`` of ``x`` (M, C) float32 (times ``up``, same shape and row stride,
         when given) with ``table`` on a 1/``grid`` grid -> (M, C) contiguous."""
@@ -292,6 +351,43 @@ class Kernels:
         coded = torch.tensor(symbols, dtype=torch.int64)
         pointers = (tables.data_ptr(), index.data_ptr(), coded.data_ptr(), bias.data_ptr(), rate, limit)
         self._library.bias_learn(*pointers, len(rows), tables.shape[1], torch.get_num_threads())
+
+    def bias_run(
+        self,
+        freq: torch.Tensor,
+        bias: torch.Tensor,
+        symbols: list[int],
+        multipliers: torch.Tensor,
+        rate: int,
+        limit: int,
+        budget: float,
+    ) -> tuple[torch.Tensor, list[float], list[float]]:
+        """``adaptive_bias.AdaptiveBias.run``: the biased tables of ``freq`` (n, W) float64, one position
+        after the other, learning into ``bias`` (one row's int32 (W,), contiguous, updated in place) after
+        each; also each table's total and its symbol's frequency."""
+        freq = freq.contiguous()
+        n, width = freq.shape
+        out = torch.empty(n, width, dtype=torch.float64)
+        found = torch.empty(2, n, dtype=torch.float64)  # totals, sizes
+        coded = torch.tensor(symbols, dtype=torch.int64)
+        pointers = (freq.data_ptr(), bias.data_ptr(), multipliers.data_ptr(), coded.data_ptr(), rate, limit, budget)
+        outputs = (out.data_ptr(), found[0].data_ptr(), found[1].data_ptr())
+        self._library.bias_run(*pointers, *outputs, n, width, torch.get_num_threads())
+        totals, sizes = found.tolist()
+        return out, totals, sizes
+
+    def code_mixed(
+        self, freq: torch.Tensor, lm_weights: list[float], masses: list[dict[int, float]], symbols: list[int]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """``coder.frequencies.code_positions`` of ``symbols`` in ``mixer.mix_tables``' mixed rows of ``freq``
+        (n, W) float64, without building them: the starts, sizes and totals."""
+        mixture = _Mixture(list(range(len(symbols))), lm_weights, masses)
+        coded = torch.tensor(symbols, dtype=torch.int64)
+        found = torch.empty(3, len(symbols), dtype=torch.float64)  # starts, sizes, totals
+        pointers = (*mixture.pointers(freq), coded.data_ptr(), *(x.data_ptr() for x in found))
+        self._library.code_mixed(*pointers, len(symbols), freq.shape[1], torch.get_num_threads())
+        starts, sizes, totals = found.to(torch.int64).tolist()
+        return starts, sizes, totals
 
     def row_totals(self, freq: torch.Tensor, rows: list[int]) -> list[float]:
         """The sums of ``rows`` of ``freq`` (B, V) float64 integers: ``mixed_totals`` unmixed."""

@@ -58,6 +58,60 @@ class SampleBits:
         return (nats * self.mask.reshape(-1)).sum() / math.log(2)
 
 
+class PromptTrainer:
+    """Adam on ``tokens`` virtual tokens of the float32 ``network`` over ``rows`` (model inputs, each
+    starting with the prime token), starting from the embeddings of the sample's first tokens; trained in
+    as many calls of :meth:`train` as wanted (``auto`` probes with a few steps before it trains on)."""
+
+    def __init__(
+        self, network: Transformer, rows: list[list[int]], tokens: int, learning_rate: float | None = None
+    ) -> None:
+        torch.manual_seed(0)
+        embed = network.embed
+        rms = embedding_rms(embed)
+        self.step = finest_step(rms)
+        self.sample_bits = SampleBits(network, rows)
+        init = embed[self.sample_bits.inputs[:, 1 : 1 + tokens].reshape(-1)[:tokens]]  # the sample's first tokens
+        self.prompt = init.clone().detach().requires_grad_(True)  # (P, C)
+        self.optimizer = torch.optim.Adam([self.prompt], lr=learning_rate or rms / 10)
+        self.epochs = 0
+        with torch.no_grad():
+            self.bits_before = float(self.sample_bits(None))
+
+    def quantised(self) -> torch.Tensor:
+        """The prompt on its grid, ``step * round(p / step)``: forward that, identity backward (straight
+        through)."""
+        p = self.prompt
+        return p + (torch.round(p / self.step) * self.step - p).detach()
+
+    def train(
+        self, epochs: int, seconds: float = float("inf"), log: Callable[[str], None] | None = None, of: int = 0
+    ) -> None:
+        """Up to ``epochs`` more steps within ``seconds`` (``of``: the total planned, for the log)."""
+        started = time.perf_counter()
+        for _ in range(epochs):
+            self.optimizer.zero_grad()
+            loss = self.sample_bits(self.quantised())
+            loss.backward()
+            self.optimizer.step()
+            self.epochs += 1
+            if log and (self.epochs % 10 == 0 or self.epochs == (of or epochs)):
+                total = of or epochs
+                log(
+                    f"steering: epoch {self.epochs}/{total}, sample {float(loss.detach()):.0f} bits "
+                    f"(no prompt: {self.bits_before:.0f})"
+                )
+            if time.perf_counter() - started > seconds:
+                break
+
+    def vector(self) -> LearnedVector:
+        """The prompt as trained so far."""
+        with torch.no_grad():
+            final = self.quantised()
+            after = float(self.sample_bits(final))
+            return LearnedVector(final.numpy().astype(np.float32), self.step, self.bits_before, after, self.epochs)
+
+
 def learn_vector(
     network: Transformer,
     rows: list[list[int]],
@@ -68,34 +122,7 @@ def learn_vector(
     learning_rate: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> LearnedVector:
-    """Train ``tokens`` virtual tokens of the float32 ``network`` on ``rows`` (model inputs, each starting
-    with the prime token), starting from the embeddings of the sample's first tokens."""
-    torch.manual_seed(0)
-    embed = network.embed
-    rms = embedding_rms(embed)
-    step = finest_step(rms)
-    sample_bits = SampleBits(network, rows)
-    init = embed[sample_bits.inputs[:, 1 : 1 + tokens].reshape(-1)[:tokens]]  # the sample's first tokens
-    prompt = init.clone().detach().requires_grad_(True)  # (P, C)
-    optimizer = torch.optim.Adam([prompt], lr=learning_rate or rms / 10)
-
-    def quantised(p: torch.Tensor) -> torch.Tensor:
-        """``step * round(p / step)`` forward, identity backward (straight through)."""
-        return p + (torch.round(p / step) * step - p).detach()
-
-    with torch.no_grad():
-        before = float(sample_bits(None))
-    started = time.perf_counter()
-    done = 0
-    for done in range(1, epochs + 1):
-        optimizer.zero_grad()
-        loss = sample_bits(quantised(prompt))
-        loss.backward()
-        optimizer.step()
-        if log and (done % 10 == 0 or done == epochs):
-            log(f"steering: epoch {done}/{epochs}, sample {float(loss.detach()):.0f} bits (no prompt: {before:.0f})")
-        if time.perf_counter() - started > seconds:
-            break
-    with torch.no_grad():
-        final = quantised(prompt)
-        return LearnedVector(final.numpy().astype(np.float32), step, before, float(sample_bits(final)), done)
+    """Train ``tokens`` virtual tokens (:class:`PromptTrainer`) for ``epochs`` steps within ``seconds``."""
+    trainer = PromptTrainer(network, rows, tokens, learning_rate)
+    trainer.train(epochs, seconds, log)
+    return trainer.vector()

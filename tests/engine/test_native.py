@@ -12,11 +12,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmpipe.coder.frequencies import _EXP, FREQ_BITS, LOGIT_GRID, find_symbols, frequency_tables_torch
+from llmpipe.adaptive_bias import LIMIT, RATE, AdaptiveBias, multipliers
+from llmpipe.coder.frequencies import (
+    _EXP,
+    FREQ_BITS,
+    LOGIT_GRID,
+    code_positions,
+    find_symbols,
+    frequency_tables_torch,
+)
 from llmpipe.engine import native, tables
 from llmpipe.engine.exact_transformer import (
     ExactKVCache,
     ExactTransformer,
+    ExactWeight,
     _rms_norm_quantize,
     prepare_exact_weights,
 )
@@ -49,17 +58,23 @@ def torch_only() -> Iterator[None]:
         yield
 
 
-PORTABLE = (*native.FLAGS, "-mno-avx512f")
-"""The same source without its 512-bit loops: what a CPU without AVX-512 (or another architecture) runs."""
+BUILDS = {
+    "native": native.FLAGS,
+    "avx2": (*native.FLAGS, "-mno-avx512f"),  # what a CPU with AVX2 but no AVX-512 runs
+    "portable": (*native.FLAGS, "-mno-avx512f", "-mno-avx2"),  # the plain C loops (other CPUs)
+}
+"""The same source built three ways; where this CPU has no AVX-512, "avx2" is the native build again."""
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
+@pytest.fixture(scope="module", params=list(BUILDS))
 def built(request, kernels) -> native.Kernels:
-    """Each build of the kernels this machine can run: every kernel test runs on both."""
+    """Each build of the kernels this machine can run: every kernel test runs on all of them."""
     if request.param == "native":
         return kernels
-    path = native._build(PORTABLE)
-    assert path is not None, "a C compiler is here, yet the portable build failed"
+    if request.param == "avx2" and "avx512f" not in native._cpu_features().split():
+        pytest.skip("no AVX-512 here: the native build is the AVX2 one")
+    path = native._build(BUILDS[request.param])
+    assert path is not None, f"a C compiler is here, yet the {request.param} build failed"
     return native.Kernels(ctypes.CDLL(str(path)))
 
 
@@ -78,15 +93,17 @@ def transformer(tiny_model) -> ExactTransformer:
     kv_heads=st.integers(1, 3),
     group=st.integers(1, 5),  # kernels.c takes the heads sharing a key four at a time: 5 makes 4 + 1
     hd=st.sampled_from([8, 16, 32, 64, 80, 128]),
-    length=st.integers(1, 80),
-    queries=st.integers(1, 16),
+    length=st.integers(1, 120),
+    queries=st.integers(1, 40),
     extreme=st.booleans(),
 )
 def test_attention_gives_the_torch_paths_bits(
     built, transformer, seed, rows, kv_heads, group, hd, length, queries, extreme
 ):
     """The fused attention against ``_attention_torch`` on the second layer of a longer cache (strided
-    views), one to sixteen queries, lengths across the 16-position blocks, every magnitude the bounds allow."""
+    views): one to fifteen queries (decoding steps, one query at a time) and sixteen to forty (full-sequence
+    passes, tiles of sixteen as exact products), lengths across the 16-position blocks, every magnitude the
+    bounds allow."""
     queries = min(queries, length)
     shape = replace(transformer.config, num_hidden_layers=2, num_key_value_heads=kv_heads, head_dim=hd)
     cache = ExactKVCache(shape, rows + 1, length + 7, torch.device("cpu"))
@@ -144,6 +161,110 @@ def test_combining_products_gives_the_torch_paths_bits(built, seed, rows, column
     if bias_values is not None:
         expected = expected.add_(bias_values)
     assert torch.equal(built.combine_products(parts, row_scale, scale, bias_values), expected)
+
+
+@needs_compiler
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 30),
+    depth=st.integers(1, 2100),
+    columns=st.integers(1, 70),
+    bias=st.booleans(),
+    layer_norm=st.booleans(),
+    magnitude=st.sampled_from(["random", "small", "extreme"]),
+)
+def test_exact_matmul_gives_the_torch_paths_bits(built, seed, rows, depth, columns, bias, layer_norm, magnitude):
+    """One int16 product per weight against ``ExactWeight``'s torch path (two int8 products, the spec's
+    roundings): any shape (tails of the 6 x 16 tiles, odd depths), LayerNorm's mean, and rows whose hi or lo
+    parts pass the bound where one rounding of 256 H + L would differ (they take the second product)."""
+    generator = torch.Generator().manual_seed(seed)
+    limit = {"random": ACT_MAX, "small": 300, "extreme": ACT_MAX}[magnitude]
+    q = torch.randint(-limit, limit + 1, (rows, depth), generator=generator).float()
+    weight = torch.randint(-127, 128, (depth, columns), generator=generator, dtype=torch.int8)
+    if magnitude == "extreme":  # every product at its largest: sums past int32 and lo parts past the bound
+        q[0] = -ACT_MAX
+        q[rows // 2, ::3] = 127.0
+        weight[:, 0] = -127
+    row_scale = torch.rand(rows, 1, generator=generator) * 2e-3
+    scale = torch.rand(columns, generator=generator) * 1e-2
+    offsets = torch.randn(columns, generator=generator) if bias else None
+    mean = torch.randn(rows, 1, generator=generator, dtype=torch.float64) * 50 if layer_norm else None
+    reference = ExactWeight(weight, scale, offsets)  # no kernels: the torch path
+    expected = reference(q, row_scale, mean)
+    sums = reference.row_sums if layer_norm else None
+    assert torch.equal(built.exact_matmul(q, row_scale, weight, scale, offsets, mean, sums), expected)
+
+
+@needs_compiler
+def test_exact_matmul_rows_past_the_bound_take_the_specs_two_roundings(built):
+    """Rows whose exact H = hi . w passes 2^24 (aligned signs over 1,536 products), where f32(H) * 256 + f32(L)
+    and one rounding of 256 H + L differ in some outputs: the kernel gives the spec's value there too."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.full((4, 1536), float(-ACT_MAX))
+    q.scatter_(
+        1,
+        torch.randint(0, 1536, (4, 40), generator=generator),
+        torch.randint(-ACT_MAX, ACT_MAX + 1, (4, 40), generator=generator).float(),
+    )
+    weight = torch.full((1536, 64), -127, dtype=torch.int8)
+    changed = torch.randint(0, 1536, (200,), generator=generator), torch.randint(0, 64, (200,), generator=generator)
+    weight[changed] = torch.randint(-127, 128, (200,), generator=generator).to(torch.int8)
+    high = torch.floor((q + 128) / 256)
+    exact_high, exact_low = high.double() @ weight.double(), (q - 256 * high).double() @ weight.double()
+    once = (256 * exact_high + exact_low).float()
+    spec = exact_high.float() * 256 + exact_low.float()
+    assert (once != spec).any(), "the case must reach where the two roundings differ"
+    ones = torch.ones(4, 1), torch.ones(64)
+    assert torch.equal(built.exact_matmul(q, ones[0], weight, ones[1], None), spec)
+
+
+@needs_compiler
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), positions=st.integers(1, 20), width=st.integers(2, 9000))
+def test_a_biased_run_gives_the_torch_paths_bits(built, seed, positions, width):
+    """``bias_run`` (the encoder's tables and learning steps, one call per run, the threads splitting each
+    pass) against ``AdaptiveBias.tables`` then ``learn`` per position in torch, from biases anywhere in
+    their range (the limit included)."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(positions, width - ESCAPE_SYMBOLS if width > ESCAPE_SYMBOLS else width, generator=generator)
+    freq = frequency_tables_torch(logits * 4, width - logits.shape[1])
+    symbols = torch.randint(0, width, (positions,), generator=generator).tolist()
+    start = torch.randint(-LIMIT, LIMIT + 1, (2, width), generator=generator, dtype=torch.int32)
+    start[1, :3] = LIMIT
+    mine, reference = AdaptiveBias(2, width), AdaptiveBias(2, width)
+    mine.bias.copy_(start)
+    reference.bias.copy_(start)
+    budget = float((1 << FREQ_BITS) - width)
+    tables_out, totals, sizes = built.bias_run(freq, mine.bias[1], symbols, multipliers(), RATE, LIMIT, budget)
+    with torch_only():
+        for i, symbol in enumerate(symbols):
+            table = reference.tables(freq[i : i + 1], [1])
+            reference.learn(table, [1], [symbol])
+            assert torch.equal(tables_out[i], table[0])
+            assert totals[i] == float(table.sum()) and sizes[i] == float(table[0, symbol])
+    assert torch.equal(mine.bias, reference.bias)
+
+
+@needs_compiler
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 9), width=st.integers(2, 3000), mixed=st.booleans())
+def test_coding_in_mixed_tables_gives_the_torch_paths_bits(built, seed, rows, width, mixed):
+    """The encoder's starts, sizes and totals in the mixed tables (``code_mixed``, none built) against
+    ``mix_tables`` then ``code_positions`` in torch; weight 1 and no masses: the tables as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    freq = frequency_tables_torch(torch.randn(rows, width, generator=generator) * 3, 0)
+    symbols = torch.randint(0, width, (rows,), generator=generator)
+    weights = (0.5 + torch.rand(rows, generator=generator, dtype=torch.float64) / 2).tolist() if mixed else [1.0] * rows
+    masses: list[dict[int, float]] = [{} for _ in range(rows)]
+    if mixed:  # sparse masses below, at and above each symbol
+        picks = torch.randint(0, width, (rows, 4), generator=generator).tolist()
+        masses = [{v: float(v % 5 * 700) for v in row} for row in picks]
+        masses[0][int(symbols[0])] = 12345.0
+    predictions = [Prediction(0.0, w, m, [], []) for w, m in zip(weights, masses, strict=True)]
+    with torch_only():
+        expected = code_positions(mix_tables(freq.clone(), predictions), symbols)
+    assert built.code_mixed(freq, weights, masses, symbols.tolist()) == expected
 
 
 @needs_compiler
