@@ -896,6 +896,22 @@ void frequency_tables(const float *logits, float grid, const double *exp, int64_
             sums = _mm512_add_pd(sums, _mm512_add_pd(low, high));
         }
         total = _mm512_reduce_add_pd(sums);
+#elif defined(VECTOR_256)
+        const __m256 top8 = _mm256_set1_ps(top), grid8 = _mm256_set1_ps(grid), last8 = _mm256_set1_ps(last);
+        __m256d sums = _mm256_setzero_pd();
+        for (; v + 8 <= vocab; v += 8) {
+            const __m256 scaled = _mm256_mul_ps(_mm256_sub_ps(top8, _mm256_loadu_ps(l + v)), grid8);
+            const __m256 step = _mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256i index = _mm256_cvttps_epi32(_mm256_min_ps(step, last8));
+            const __m256d low = _mm256_i32gather_pd(exp, _mm256_castsi256_si128(index), 8);
+            const __m256d high = _mm256_i32gather_pd(exp, _mm256_extracti128_si256(index, 1), 8);
+            _mm256_storeu_pd(f + v, low);
+            _mm256_storeu_pd(f + v + 4, high);
+            sums = _mm256_add_pd(sums, _mm256_add_pd(low, high));
+        }
+        double lanes[4];
+        _mm256_storeu_pd(lanes, sums);
+        total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 #endif
         for (; v < vocab; v++) {
             float step = nearbyintf((top - l[v]) * grid);
@@ -911,6 +927,10 @@ void frequency_tables(const float *logits, float grid, const double *exp, int64_
             const __m512d product = _mm512_mul_pd(_mm512_loadu_pd(f + v), share8);
             _mm512_storeu_pd(f + v, _mm512_add_pd(one8, _mm512_roundscale_pd(product, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)));
         }
+#elif defined(VECTOR_256)
+        const __m256d share4 = _mm256_set1_pd(share), one4 = _mm256_set1_pd(1.0);
+        for (; v + 4 <= vocab; v += 4)
+            _mm256_storeu_pd(f + v, _mm256_add_pd(one4, _mm256_floor_pd(_mm256_mul_pd(_mm256_loadu_pd(f + v), share4))));
 #endif
         for (; v < vocab; v++) f[v] = 1.0 + floor(f[v] * share);
         for (v = vocab; v < width; v++) f[v] = 1.0;
