@@ -172,7 +172,7 @@ def auto(args: argparse.Namespace) -> None:
     )
 
 
-CURVE_EPOCHS = (1, 2, 3, 4, 6, 8, 12, 16, 20)
+CURVE_EPOCHS = (2, 4, 20)
 
 
 def curve(args: argparse.Namespace) -> None:
@@ -190,6 +190,7 @@ def curve(args: argparse.Namespace) -> None:
     plain = held_out_bits(network, held_out, None)
     evaluation_seconds = time.perf_counter() - started
     trainer = PromptTrainer(network, train, AUTO_TOKENS)
+    train_bytes = sum(len(tokenizer.spellings[x]) for row in train for x in row[1:])
     points, training_seconds = [], 0.0
     for epochs in CURVE_EPOCHS:
         started = time.perf_counter()
@@ -201,12 +202,15 @@ def curve(args: argparse.Namespace) -> None:
     save(
         args.name,
         {
-            "kind": "curve",
+            "kind": "steering-curve",
             "file": args.file,
             "bytes": len(window),
             "plain_held_out_bits": plain,
             "projection": projection,
             "points": points,
+            "training_bits_before": trainer.bits_before,
+            "training_losses": trainer.losses,  # each step's training-row bits, before its update
+            "training_projection": len(window) / train_bytes,
             "seconds_per_epoch": training_seconds / CURVE_EPOCHS[-1],
             "seconds_per_evaluation": evaluation_seconds,
         },

@@ -75,6 +75,7 @@ class PromptTrainer:
         self.prompt = init.clone().detach().requires_grad_(True)  # (P, C)
         self.optimizer = torch.optim.Adam([self.prompt], lr=learning_rate or rms / 10)
         self.epochs = 0
+        self.losses: list[float] = []  # the training rows' bits at each step, before its update
         with torch.no_grad():
             self.bits_before = float(self.sample_bits(None))
 
@@ -95,6 +96,7 @@ class PromptTrainer:
             loss.backward()
             self.optimizer.step()
             self.epochs += 1
+            self.losses.append(float(loss.detach()))
             if log and (self.epochs % 10 == 0 or self.epochs == (of or epochs)):
                 total = of or epochs
                 log(
