@@ -184,9 +184,14 @@ HELD_OUT_ROWS, HELD_OUT_TOKENS = 4, 1024
 """... and its codings are measured on rows the training did not see, as long as the default context."""
 AUTO_TOKENS = 1
 """``--steer auto`` tries one virtual token: the cheapest vector (C values)."""
-AUTO_MIN_BYTES = 768 * 1024
-"""Below this first window ``auto`` does not train: one learned token costs about 2,000 header bits and
-saved about 3 bits per KB of enwik8 (STEERING.md), so smaller windows cannot repay it."""
+AUTO_MIN_BYTES = 32 * 1024 * 1024
+"""``auto`` trains only on inputs of at least this many bytes (the writer reads that far ahead before the
+stream header), where its work is a few percent of the coding's. On a 2 MiB first window the work is fixed:
+20 training steps of about 15 s and 8 held-out evaluations of 33-64 s on this project's 2-core machine,
+about 10-14 minutes, while coding runs at about 1.3 KB/s there (BENCHMARKS.md, throughput): 32 MiB take
+about 7 hours, so the decision costs about 3% of them, and nothing at all on smaller inputs. Below it a
+vector rarely repays even its bits: one token costs about 2,000 header bits and saved 2-3 bits per KB of
+enwik8 and calgary/news, about 10 on world192.txt (STEERING.md)."""
 
 
 def sample_rows(window: bytes, tokenizer, count: int, tokens: int, skip: int = 0) -> list[list[int]]:
@@ -307,16 +312,24 @@ class Compressor:
         if self._learn:
             self.set_prompt(None)
 
-    def steer_on(self, sample: bytes) -> SteeringChoice | None:
+    @property
+    def steer_lookahead(self) -> int:
+        """How many bytes of a stream's input the writer reads before its header: ``auto`` decides on the
+        input's size (:data:`AUTO_MIN_BYTES`), the other modes on the first window alone."""
+        return AUTO_MIN_BYTES if self._auto else 0
+
+    def steer_on(self, sample: bytes, seen: int | None = None) -> SteeringChoice | None:
         """Before the header is written: learn the stream's prompt on ``sample`` (``learn:N`` and ``auto``),
         code it every way ``steering.quantise`` offers, and keep the coding with the smallest projected total
-        (``auto``: or none, ``steering.select.choose``). Returns what was learned and measured, if anything."""
+        (``auto``: or none, ``steering.select.choose``). ``seen``: how many bytes of the input were read
+        ahead (at least ``sample``). Returns what was learned and measured, if anything."""
         if not self._learn or not sample:
             return None
         log = self._log or (lambda line: None)
-        if self._auto and len(sample) < AUTO_MIN_BYTES:
-            log(f"steering: auto: none (first window under {AUTO_MIN_BYTES} bytes, too small to repay a vector)")
+        if self._auto and max(len(sample), seen or 0) < AUTO_MIN_BYTES:
+            log(f"steering: auto: none (input under {AUTO_MIN_BYTES} bytes: training would not repay its time)")
             return None
+        started = time.perf_counter()
         tokenizer = self.model.tokenizer
         train, held_out = sample_rows(sample, tokenizer, TRAIN_ROWS, TRAIN_TOKENS), held_out_rows(sample, tokenizer)
         if not train or not held_out:  # too little text to learn from: no prompt
@@ -348,7 +361,12 @@ class Compressor:
                 f"projected total {e.total:.0f} bits"
             )
         chosen = choose(estimates, self._auto)
+        none = next(e for e in estimates if e.coded is None)
         log(f"steering: {'auto: ' if self._auto else ''}chose {chosen.label}")
+        log(
+            f"steering: the decision took {time.perf_counter() - started:.0f} s for a projected saving of "
+            f"{(none.total - chosen.total) / 8:,.0f} bytes on this window"
+        )
         self.set_prompt(learned_prompt(chosen.coded) if chosen.coded else None)
         return SteeringChoice(vector, estimates, chosen)
 
@@ -568,16 +586,14 @@ class CompressionWriter:
         if self.closed:
             raise ValueError("write to a closed CompressionWriter")
         self._buffer += data
-        window = self._compressor.window_size
-        while len(self._buffer) >= window:
-            cut = utf8_safe_split(bytes(self._buffer[:window]))
-            self._code(bytes(self._buffer[:cut]))
-            del self._buffer[:cut]
+        if not (self._header_due and len(self._buffer) < self._compressor.steer_lookahead):
+            self._code_full_windows()  # else still reading ahead: ``auto`` decides on the input's size
         return len(data)
 
     def close(self) -> Stats:
         """Code what is left, write the index and footer; returns the statistics."""
         if not self.closed:
+            self._code_full_windows()  # what was read ahead is cut into windows as if written window by window
             if self._buffer:
                 self._code(bytes(self._buffer))
                 self._buffer.clear()
@@ -588,9 +604,17 @@ class CompressionWriter:
             self.stats.seconds = time.perf_counter() - self._started
         return self.stats
 
+    def _code_full_windows(self) -> None:
+        """Code every whole window the buffer holds, each cut where no UTF-8 character is split."""
+        window = self._compressor.window_size
+        while len(self._buffer) >= window:
+            cut = utf8_safe_split(bytes(self._buffer[:window]))
+            self._code(bytes(self._buffer[:cut]))
+            del self._buffer[:cut]
+
     def _write_header(self, first_window: bytes) -> None:
         if self._header_due:
-            self._compressor.steer_on(first_window)
+            self._compressor.steer_on(first_window, seen=len(self._buffer))  # the window is still buffered
             self.stats.output_bytes += self._stream.write_header(self._compressor.header())
             self._header_due = False
 

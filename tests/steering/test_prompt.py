@@ -147,7 +147,7 @@ def test_every_quantiser_and_prior_round_trips_at_another_batch(tiny_model, monk
 
 
 def test_auto_costs_nothing_on_small_inputs(tiny_model):
-    """Under :data:`AUTO_MIN_BYTES` of first window ``auto`` does not train: the archive is the ``none`` one."""
+    """Under :data:`AUTO_MIN_BYTES` of input ``auto`` does not train: the archive is the ``none`` one."""
     data = TEXT[:5000]
     plain = Compressor(tiny_model, chunk_size=1024, batch=2, threads=1, steer="none").compress(data)
     lines: list[str] = []
@@ -180,6 +180,47 @@ def test_auto_measures_on_held_out_rows_and_decides(tiny_model, monkeypatch, mar
         assert chosen.removeprefix("steering: auto: chose ") == best.split(": ")[1]
         assert record["mode"] == "learned" and record["tokens"] == 1
     assert Decompressor(tiny_model).decompress(archive) == data
+
+
+def _written_in_pieces(compressor: Compressor, data: bytes, piece: int = 700) -> bytes:
+    sink = io.BytesIO()
+    writer = compressor.writer(sink)
+    for start in range(0, len(data), piece):
+        writer.write(data[start : start + piece])
+    writer.close()
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize("size", [5000, 9000])
+def test_auto_reads_ahead_and_decides_on_the_input_size(tiny_model, monkeypatch, size):
+    """``auto`` decides on how much input there is, not on the first window: it reads up to
+    :data:`AUTO_MIN_BYTES` ahead before the header, trains only when the input reaches it (on the first
+    window alone), and never trains below it. Reading ahead changes no byte: with no vector kept the archive
+    is the ``none`` one, windows cut as when written window by window."""
+    from llmpipe import compressor as module
+    from llmpipe.steering import select
+
+    monkeypatch.setattr(module, "AUTO_MIN_BYTES", 7000)
+    monkeypatch.setattr(select, "AUTO_MARGIN", 1e9)  # keep none, so the archives compare
+    decisions = []
+    steer_on = Compressor.steer_on
+
+    def recorded(self, sample, seen=None):
+        decisions.append((len(sample), seen))
+        return steer_on(self, sample, seen)
+
+    monkeypatch.setattr(Compressor, "steer_on", recorded)
+    data = TEXT[:size]
+    settings = {"chunk_size": 1024, "batch": 2, "threads": 1}  # 2,048-byte windows
+    plain = Compressor(tiny_model, **settings, steer="none").compress(data)
+    lines: list[str] = []
+    auto = Compressor(tiny_model, **settings, steer="auto", steer_epochs=2, log=lines.append)
+    assert _written_in_pieces(auto, data) == plain
+    sample, seen = decisions[-1]
+    assert sample <= 2048 and min(size, 7000) <= seen <= size  # the first window; the input read up to the bar
+    trained = any("epoch" in line for line in lines)
+    assert trained == (size >= 7000)
+    assert any(line == "steering: auto: chose none" for line in lines) == trained
 
 
 def test_auto_does_not_train_for_windows_zstd_codes_better(tiny_model, monkeypatch):
