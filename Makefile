@@ -34,6 +34,7 @@ bench: model
 	$(PY) bench/bench.py numerics --name numerics --bytes 32768
 	$(PY) bench/bench.py mixing --name mixing --bytes 65536
 	$(PY) bench/bench.py roofline --name roofline
+	$(PY) bench/bench.py throughput --name throughput
 	$(PY) bench/bench.py backup --name backup --bytes 65536
 	$(PY) bench/bench.py context --name context --bytes 32768 --slices 6
 	$(PY) bench/bench.py steps --name steps

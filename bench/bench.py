@@ -37,6 +37,7 @@ import zstandard
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import throughput  # noqa: E402
 from llmpipe import mixer  # noqa: E402
 from llmpipe.compressor import Compressor  # noqa: E402
 from llmpipe.decompressor import Decompressor  # noqa: E402
@@ -64,17 +65,29 @@ BASELINES = {
 }
 
 
+VECTOR_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+"""The CPU flags that decide which product runs fast (two "AMD EPYC" machines here differed in them)."""
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
+    features: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not features:
+                features = [f for f in VECTOR_FEATURES if f in line.split()]
     except OSError:
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "python": platform.python_version(),
+        "features": features,
+    }
 
 
 def baseline_bpb(data: bytes) -> dict[str, float]:
@@ -575,30 +588,46 @@ def _time_listing(args: argparse.Namespace) -> dict:
     return {"archive_bytes": info["compressed_bytes"], "blocks": sum(info["streams"][0]["blocks"].values()), **timings}
 
 
-ROOFLINE_SHAPES = [(128, 576, 1536), (128, 576, 49152), (2048, 576, 1536), (2048, 576, 3072)]
-"""(rows, reduction, outputs): a decoder step at batch 64 (int16 activations = 128 int8 rows), the
-output head, and full-sequence encoder passes."""
+ROOFLINE_SHAPES = [
+    (128, 576, 1536),
+    (256, 576, 1536),
+    (512, 576, 1536),
+    (128, 576, 49152),
+    (2048, 576, 1536),
+    (2048, 576, 3072),
+]
+"""(rows, reduction, outputs): decoder steps at batch 64, 128 and 256 (int16 activations = twice as many
+int8 rows), the output head, and full-sequence encoder passes."""
 
 
 def roofline(args: argparse.Namespace) -> None:
-    """Matrix-product throughput of this CPU: fp32 GEMM against exact int8 ``torch._int_mm``."""
+    """Matrix-product throughput of this CPU: fp32 GEMM, exact int8 ``torch._int_mm`` and llmpipe's exact
+    int16-by-int8 kernel (``Kernels.exact_matmul``, one product per weight where ``_int_mm`` takes two)."""
     import torch
 
+    from llmpipe.engine import native
+
     torch.set_num_threads(args.threads)
+    kernels = native.kernels_for(torch.device("cpu"))
     rows = []
     for m, k, n in ROOFLINE_SHAPES:
         a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
         b = torch.randint(-127, 128, (k, n), dtype=torch.int8)
+        q = torch.randint(-32639, 32640, (m // 2, k)).float()  # the int16 rows that make m int8 rows
         row: dict = {"m": m, "k": k, "n": n}
         cases = {"int8": (torch._int_mm, a, b), "fp32": (torch.matmul, a.float(), b.float())}
+        if kernels is not None:
+            ones = torch.ones(m // 2, 1), torch.ones(n)
+            cases["int16"] = (lambda x, y, ones=ones: kernels.exact_matmul(x, ones[0], y, ones[1], None), q, b)
         for name, (product, x, y) in cases.items():
             product(x, y)  # warm-up
-            repeats = 10
+            repeats = 3 if name == "int8" else 10  # _int_mm can be slow: 1 G multiply-adds/s without VNNI
             started = time.perf_counter()
             for _ in range(repeats):
                 product(x, y)
             seconds = (time.perf_counter() - started) / repeats
-            row[name] = {"ms": 1000 * seconds, "gmac_s": m * k * n / seconds / 1e9}
+            macs = (m // 2 if name == "int16" else m) * k * n
+            row[name] = {"ms": 1000 * seconds, "gmac_s": macs / seconds / 1e9}
         print(json.dumps(row), flush=True)
         rows.append(row)
     save(args.name, {"kind": "roofline", "model": "-", "threads": args.threads, "rows": rows})
@@ -637,7 +666,8 @@ def report(args: argparse.Namespace) -> None:
             f"## {path.stem}",
             "",
             f"`{run_data['command']}` on {run_data['date']}; model `{run_data['model']}`, {_numerics_label(run_data)};",
-            f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}.",
+            f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}"
+            + (f", {' '.join(m['features']) or 'no AVX2'}." if "features" in m else "."),
             "",
         ]
         if run_data["kind"] == "files":
@@ -663,18 +693,28 @@ def report(args: argparse.Namespace) -> None:
                 )
         elif run_data["kind"] == "memory":
             lines += _memory_section(run_data)
+        elif run_data["kind"] == "throughput":
+            lines += throughput.section(run_data, _table_head)
         elif run_data["kind"] == "roofline":
             lines.append(
-                f"Matrix products on {run_data['threads']} threads: float32 GEMM against exact int8 `torch._int_mm` "
-                "(GMAC/s = 10^9 multiply-adds per second)."
+                f"Matrix products on {run_data['threads']} threads (GMAC/s = 10^9 multiply-adds per second): "
+                "float32 GEMM and exact int8 `torch._int_mm` on rows x reduction x outputs, and llmpipe's exact "
+                "int16-by-int8 kernel (`exact_matmul`) on half as many int16 rows, the same work as the int8 "
+                "rows they split into (so its ms compare directly with `_int_mm`'s; its GMAC/s count int16 "
+                "multiply-adds, one per weight and row)."
             )
-            lines += _table_head("| rows x reduction x outputs | int8 ms | int8 GMAC/s | fp32 ms | fp32 GMAC/s |")
+            has_int16 = all("int16" in r for r in run_data["rows"])
+            head = "| rows x reduction x outputs | int8 ms | int8 GMAC/s | fp32 ms | fp32 GMAC/s |"
+            lines += _table_head(head + (" int16 kernel ms | int16 GMAC/s |" if has_int16 else ""))
             for r in run_data["rows"]:
                 i8, f32 = r["int8"], r["fp32"]
-                lines.append(
+                line = (
                     f"| {r['m']} x {r['k']} x {r['n']} | {i8['ms']:.2f} | {i8['gmac_s']:.0f} | "
                     f"{f32['ms']:.2f} | {f32['gmac_s']:.0f} |"
                 )
+                if has_int16:
+                    line += f" {r['int16']['ms']:.2f} | {r['int16']['gmac_s']:.0f} |"
+                lines.append(line)
         elif run_data["kind"] == "numerics":
             lines.append(
                 "The same slices compressed with the exact engine (the default) and the float32 engine, "
@@ -903,6 +943,13 @@ def main() -> None:
     sweeper = sub.choices["sweep"]
     sweeper.add_argument("--file", default="enwik/enwik8_first_1000000")
     sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
+    speeds = sub.add_parser("throughput")
+    speeds.add_argument("--name", required=True)
+    speeds.add_argument("--model", default=None)
+    speeds.add_argument("--bytes", type=int, default=1_000_000)
+    speeds.add_argument("--threads", dest="thread_counts", type=int, nargs="+", default=[1, 2])
+    speeds.add_argument("--append", action="store_true", help="add to (or replace in) the stored rows")
+    speeds.add_argument("files", nargs="*", default=["enwik/enwik8_first_1000000", "calgary/paper2"])
     sub.add_parser("report").add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
     commands = {
@@ -916,6 +963,7 @@ def main() -> None:
         "context": context_grid,
         "steps": decoding_steps,
         "resumable": resumable,
+        "throughput": lambda a: throughput.run(a, CORPUS, RESULTS, save),
         "report": report,
     }
     commands[args.command](args)
