@@ -193,9 +193,54 @@ def run(args: argparse.Namespace, corpus, results, save: Callable[[str, dict], N
             )
 
 
+TILES = (
+    "The products split into 96-row by 16-column tiles (`kernels.c`, `product_run`): an encoder pass of 2,048 "
+    "positions against a 576 x 1,536 weight makes 22 x 96 tiles, a decoding step of 64 rows 1 x 96 (36 for the "
+    "576-column projections), enough for 16 cores; what bounds many cores' decoding steps besides is the "
+    "weights each step reads (135 MB for SmolLM2) and the one-threaded parts."
+)
+"""Why the products leave work for many cores."""
+SERIAL_PARTS = ("mixer (Python)", "range coder", REST)
+"""The parts that run on one thread whatever ``-T`` says."""
+MANY_CORES = (8, 16)
+
+
+def scaling(rows: list[dict]) -> list[str]:
+    """How each file sped up from 1 to 2 threads, and, on paper, what 8 and 16 cores would give: the
+    one-threaded parts as measured, the rest (products, attention, the kernels) divided among the cores
+    (:data:`TILES`)."""
+    by_file: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        by_file[r["file"]][r["threads"]] = r
+    lines = []
+    for name, runs in sorted(by_file.items()):
+        cells = []
+        if 1 in runs and 2 in runs:
+            for direction in ("compress", "decompress"):
+                ratio = runs[1][f"{direction}_seconds"] / runs[2][f"{direction}_seconds"]
+                cells.append(f"{direction} {ratio:.2f}x")
+            lines.append(f"- {name}, 1 to 2 threads: {', '.join(cells)} faster.")
+        if 2 in runs:
+            r, estimates = runs[2], []
+            for direction in ("compress", "decompress"):
+                total = r[f"{direction}_seconds"]
+                serial = sum(r[f"{direction}_parts"].get(p, 0.0) for p in SERIAL_PARTS)
+                rates = [r["bytes"] / 1024 / (serial + (total - serial) * 2 / cores) for cores in MANY_CORES]
+                estimates.append(f"{direction} {' and '.join(f'{x:.1f}' for x in rates)} KB/s")
+            lines.append(
+                f"- {name}, on paper from its 2-thread profile (one-threaded parts "
+                f"{', '.join(SERIAL_PARTS)} as measured, the rest divided among the cores) at "
+                f"{' and '.join(str(c) for c in MANY_CORES)} cores: {'; '.join(estimates)}."
+            )
+    if lines:
+        lines.append(f"- {TILES}")
+    return lines
+
+
 def section(run_data: dict, table_head: Callable[[str], list[str]]) -> list[str]:
     """BENCHMARKS.md's lines for a stored run."""
     per_token = run_data["products_per_token"]
+    run_data = {**run_data, "rows": sorted(run_data["rows"], key=lambda r: (r["file"], r["threads"]))}
     commands = sorted({f"`{r['command']}` ({r['date']})" for r in run_data["rows"] if "command" in r})
     lines = [
         __doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
@@ -224,6 +269,7 @@ def section(run_data: dict, table_head: Callable[[str], list[str]]) -> list[str]
             + " | ".join(cells)
             + f" | {roof} |"
         )
+    lines += ["", *scaling(run_data["rows"])]
     parts = [*PARTS, REST]
     lines += ["", "Where the time goes (seconds, and share of the direction's wall time):"]
     lines += table_head("| file | threads | direction | " + " | ".join(parts) + " |")
