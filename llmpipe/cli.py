@@ -155,8 +155,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODE",
         help="a prompt before every chunk, stored in the header: none, text:STRING, random:N[:SEED], learn:N (N "
         "virtual tokens trained on the input's first window, coded the way that gives the smallest total), auto "
-        "(default: learn one token on a large enough first window and keep it only when its projected saving "
-        "clearly exceeds its cost; see STEERING.md)",
+        "(default: on inputs of 32 MiB or more, learn one token on the first window and keep it only when its "
+        "projected saving clearly exceeds its cost; on smaller ones, none; see STEERING.md)",
     )
     p.add_argument(
         "--steer-epochs",
