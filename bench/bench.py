@@ -327,7 +327,7 @@ def context_grid(args: argparse.Namespace) -> None:
     )
 
 
-def _decoder_costs(engine, batch: int) -> tuple[dict[int, float], float]:
+def _decoder_costs(engine, batch: int, lengths: list[int] = STEP_LENGTHS) -> tuple[dict[int, float], float]:
     """Milliseconds of one lockstep step of ``batch`` rows at each cache length (the network and the
     frequency tables, as ``LockstepSession.step``), and of prefill per row-token."""
     import torch
@@ -338,7 +338,7 @@ def _decoder_costs(engine, batch: int) -> tuple[dict[int, float], float]:
     network = engine._network
     steps = {}
     with torch.inference_mode():
-        for length in STEP_LENGTHS:
+        for length in lengths:
             kv = network.new_cache(batch, length)
             kv.length = length - 2
             tokens = torch.ones(batch, 1, dtype=torch.long)
@@ -374,6 +374,23 @@ def decoding_steps(args: argparse.Namespace) -> None:
     os.environ.pop("LLMPIPE_NATIVE")
     native._kernels.cache_clear()
     save(args.name, {"kind": "steps", "model": model.name, "numerics": "exact", "rows": 64, "paths": paths})
+
+
+ROWS_LENGTHS = [256, 1024, 2048]
+"""Cache lengths of the rows-per-step comparison (256 rows at 8,192 positions would need a 24 GB cache)."""
+
+
+def step_rows(args: argparse.Namespace) -> None:
+    """One decoding step (compiled kernels) at 64, 128 and 256 rows: what more rows per step would buy."""
+    from llmpipe.engine.exact_engine import ExactEngine
+
+    model = cache.load(args.model)
+    batches = {}
+    for batch in args.batches:
+        steps_ms, prefill_ms = _decoder_costs(ExactEngine(model, args.threads), batch, ROWS_LENGTHS)
+        batches[batch] = {"step_ms": steps_ms, "prefill_ms_per_token": prefill_ms}
+        print(json.dumps({batch: batches[batch]}), flush=True)
+    save(args.name, {"kind": "step-rows", "model": model.name, "numerics": "exact", "batches": batches})
 
 
 def _modelled_file_seconds(
@@ -820,6 +837,19 @@ def report(args: argparse.Namespace) -> None:
                 f"{plain['prefill_ms_per_token']:.2f} | "
                 f"{plain['prefill_ms_per_token'] / kernels['prefill_ms_per_token']:.1f}x |"
             )
+        elif run_data["kind"] == "step-rows":
+            lines.append(
+                "One decoding step (network and frequency tables, compiled kernels, the fastest of five) at each "
+                "number of rows decoded together and length of cache, and its time per row: the cost of a "
+                "decoded token when that many rows share each pass over the weights. Prefill is a restart's "
+                "cost per row and position."
+            )
+            head = " | ".join(f"ms at {n:,} | ms per row at {n:,}" for n in ROWS_LENGTHS)
+            lines += _table_head(f"| rows | {head} | prefill per row-token ms |")
+            for batch, costs in run_data["batches"].items():
+                step = costs["step_ms"]
+                cells = " | ".join(f"{step[str(n)]:.0f} | {step[str(n)] / int(batch):.2f}" for n in ROWS_LENGTHS)
+                lines.append(f"| {batch} | {cells} | {costs['prefill_ms_per_token']:.2f} |")
         elif run_data["kind"] == "roundtrip":
             rows = run_data["rows"]
             passed = sum(r["ok"] for r in rows)
@@ -917,7 +947,19 @@ def _kb_s(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    names = ("run", "numerics", "mixing", "sweep", "roundtrip", "roofline", "backup", "context", "steps", "resumable")
+    names = (
+        "run",
+        "numerics",
+        "mixing",
+        "sweep",
+        "roundtrip",
+        "roofline",
+        "backup",
+        "context",
+        "steps",
+        "step-rows",
+        "resumable",
+    )
     for name in names:
         p = sub.add_parser(name)
         p.add_argument("--name", required=True)
@@ -943,6 +985,7 @@ def main() -> None:
     sweeper = sub.choices["sweep"]
     sweeper.add_argument("--file", default="enwik/enwik8_first_1000000")
     sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
+    sub.choices["step-rows"].add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     speeds = sub.add_parser("throughput")
     speeds.add_argument("--name", required=True)
     speeds.add_argument("--model", default=None)
@@ -962,6 +1005,7 @@ def main() -> None:
         "backup": backup,
         "context": context_grid,
         "steps": decoding_steps,
+        "step-rows": step_rows,
         "resumable": resumable,
         "throughput": lambda a: throughput.run(a, CORPUS, RESULTS, save),
         "report": report,
