@@ -33,7 +33,6 @@ from llmpipe.defaults import (
     DEFAULT_STEER,
     DEFAULT_STEER_EPOCHS,
     DEFAULT_STEER_SECONDS,
-    MAX_THREADS,
     resolve_threads,
 )
 from llmpipe.engine import create_engine, usable_device
@@ -257,8 +256,6 @@ class Compressor:
             raise UsageError(f"batch must be between 1 and {MAX_ROWS}")
         if batch is not None and batch * chunk_size > MAX_WINDOW:
             raise UsageError(f"batch x chunk size must stay within {MAX_WINDOW >> 20} MiB")
-        if not 0 <= threads <= MAX_THREADS:
-            raise UsageError(f"threads must be between 0 (every CPU) and {MAX_THREADS}")
         threads = resolve_threads(threads)
         try:
             self.context = ContextWindow(context, overlap if context else 0)

@@ -26,7 +26,7 @@ import zstandard
 from llmpipe import mixer
 from llmpipe.codec import ContextWindow, LlmCoder
 from llmpipe.compressor import Stats
-from llmpipe.defaults import ALL_THREADS, DEFAULT_BATCH, FLOAT_DTYPES, MAX_THREADS, resolve_threads
+from llmpipe.defaults import ALL_THREADS, DEFAULT_BATCH, FLOAT_DTYPES, resolve_threads
 from llmpipe.engine import create_engine, usable_device
 from llmpipe.engine.exact_transformer import NUMERICS_VERSION
 from llmpipe.engine.float_engine import numeric_fingerprint
@@ -36,7 +36,6 @@ from llmpipe.errors import (
     DamagedArchiveError,
     ModelError,
     ModelMismatchError,
-    UsageError,
 )
 from llmpipe.format.container import (
     FLAG_GROUP_START,
@@ -102,8 +101,6 @@ class Decompressor:
         self._model_spec = model
         self._device = device
         self._force = force
-        if not 0 <= threads <= MAX_THREADS:
-            raise UsageError(f"threads must be between 0 (every CPU) and {MAX_THREADS}")
         self._threads = resolve_threads(threads)
         self._batch = batch  # rows decoded together for exact archives (float ones keep the encoder's groups)
         self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None

@@ -11,6 +11,8 @@ windows or overlaps gain 0.2-0.6% more but decode below 75% of 8 KB chunks.
 
 import os
 
+from llmpipe.errors import UsageError
+
 DEFAULT_CHUNK_SIZE = 32768
 DEFAULT_BATCH = 64
 ALL_THREADS = 0  # ``-T 0``, the default: one thread per CPU this process may use (zstd's convention)
@@ -26,7 +28,10 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # --dtype choices of the floa
 def resolve_threads(threads: int) -> int:
     """``threads`` itself, or for :data:`ALL_THREADS` the CPUs this process may run on (its affinity mask,
     which containers and ``taskset`` narrow; ``os.cpu_count()`` where there is none), at most
-    :data:`MAX_THREADS`. Exact archives do not depend on it; float ones record it."""
+    :data:`MAX_THREADS`; outside 0 to :data:`MAX_THREADS`, :class:`UsageError`. Exact archives do not depend
+    on it; float ones record it."""
+    if not 0 <= threads <= MAX_THREADS:
+        raise UsageError(f"threads must be between 0 (every CPU) and {MAX_THREADS}")
     if threads != ALL_THREADS:
         return threads
     try:

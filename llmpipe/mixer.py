@@ -164,12 +164,6 @@ class RowHistory:
             self.update(prediction, symbol, size)
         return predictions
 
-    def mix_run(self, freq: torch.Tensor, symbols: list[int]) -> torch.Tensor:
-        """The mixed tables of consecutive positions whose symbols are known (``freq``, the LM tables, is
-        mixed in place and returned): what :func:`code_run` codes in, built."""
-        predictions = self.predict_run(symbols, freq.sum(dim=1).tolist(), lm_sizes(freq, symbols))
-        return mix_tables(freq, predictions)
-
 
 def code_run(
     freq: torch.Tensor, symbols: list[int], predictions: list[Prediction]

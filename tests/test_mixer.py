@@ -33,6 +33,13 @@ def lm_tables(count: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(1.0 + np.floor(p * ((1 << FREQ_BITS) - SYMBOLS)))
 
 
+def mixed_run(history: RowHistory, freq: torch.Tensor, symbols: list[int]) -> torch.Tensor:
+    """The encoder's mixed tables of a run of known symbols (``RowHistory.predict_run``), built: ``freq``
+    (the LM tables) mixed in place and returned."""
+    predictions = history.predict_run(symbols, freq.sum(dim=1).tolist(), lm_sizes(freq, symbols))
+    return mix_tables(freq, predictions)
+
+
 def code_length(freq: torch.Tensor, symbols: list[int]) -> float:
     picked = freq.gather(1, torch.tensor(symbols)[:, None])[:, 0]
     return float(torch.log2(freq.sum(dim=1) / picked).sum())
@@ -43,7 +50,7 @@ def code_length(freq: torch.Tensor, symbols: list[int]) -> float:
 def test_mixed_tables_keep_every_symbol_codable_and_within_the_coder_total(symbols, seed):
     history = RowHistory()
     tables = lm_tables(len(symbols), seed)
-    mixed = history.mix_run(tables.clone(), symbols)
+    mixed = mixed_run(history, tables.clone(), symbols)
     assert mixed.min() >= 1
     assert mixed.sum(dim=1).max() <= MAX_TOTAL
     assert torch.equal(mixed, torch.floor(mixed))  # integers: exact cumulative sums in float64
@@ -57,7 +64,7 @@ def test_repeats_cost_little_once_learned():
     phrase = rng.integers(0, SYMBOLS, size=40).tolist()
     symbols = phrase * 8
     uniform = torch.full((len(symbols), SYMBOLS), float(1 << (FREQ_BITS - 6)), dtype=torch.float64)
-    mixed = RowHistory().mix_run(uniform, symbols)
+    mixed = mixed_run(RowHistory(), uniform, symbols)
     last = slice(len(phrase) * 7, len(phrase) * 8)
     plain_bits = len(phrase) * math.log2(SYMBOLS)
     assert code_length(mixed[last], symbols[last]) < 0.1 * plain_bits
@@ -68,7 +75,7 @@ def test_lockstep_and_whole_run_give_identical_tables():
     """The decoder's order (all rows predict, then all learn) gives the encoder's tables bit for bit."""
     rows = [np.random.default_rng(r).integers(0, 12, size=150).tolist() for r in range(3)]
     tables = [lm_tables(150, 100 + r) for r in range(3)]
-    whole = [RowHistory().mix_run(t.clone(), s) for t, s in zip(tables, rows, strict=True)]  # mixes in place
+    whole = [mixed_run(RowHistory(), t.clone(), s) for t, s in zip(tables, rows, strict=True)]  # mixes in place
     histories = [RowHistory() for _ in rows]
     for step in range(150):
         table = torch.stack([t[step] for t in tables])
@@ -122,7 +129,7 @@ def test_mixed_tables_are_pinned():
     (then bump ``mixer.VERSION`` and FORMAT.md section 5)."""
     rng = np.random.default_rng(2026)
     symbols = (rng.integers(0, 10, size=200).tolist() + rng.integers(0, 40, size=30).tolist()) * 3
-    mixed = RowHistory().mix_run(lm_tables(len(symbols), 1), symbols)
+    mixed = mixed_run(RowHistory(), lm_tables(len(symbols), 1), symbols)
     digest = hashlib.sha256(mixed.numpy().astype("<f8").tobytes()).hexdigest()
     assert digest == "e0ab3c01f930ef45612101e17c75dc493effdd9d7e8ce5752ded4c45f7271251"
 

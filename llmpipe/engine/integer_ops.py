@@ -12,11 +12,9 @@ turn ``x / scalar`` into ``x * (1 / scalar)``, which rounds differently).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from llmpipe.engine.native import kernels_for
+from llmpipe.engine.native import fastest_seconds, kernels_for
 
 ACT_MAX = 32639
 """Activations are int16 in [-ACT_MAX, ACT_MAX] = 127 * 256 + 127, so that both bytes of
@@ -120,17 +118,7 @@ def _faster(first, second, device: torch.device):
     generator = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (128, 576), generator=generator, dtype=torch.int8).to(device)
     b = torch.randint(-128, 128, (576, 576), generator=generator, dtype=torch.int8).to(device)
-
-    def seconds(matmul) -> float:
-        matmul(a, b)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            matmul(a, b)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return first if seconds(first) <= seconds(second) else second
+    return first if fastest_seconds(lambda: first(a, b)) <= fastest_seconds(lambda: second(a, b)) else second
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

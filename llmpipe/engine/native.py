@@ -111,6 +111,18 @@ class _Mixture:
         )
 
 
+def fastest_seconds(product: Callable[[], object]) -> float:
+    """The best of three timed calls of ``product`` after one to warm up (first-use checks, allocations):
+    how the engine picks the faster of two products that give the same bits."""
+    product()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        product()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 class Kernels:
     """Typed calls into the compiled library, on torch's current number of threads. Tensors are CPU
     tensors; ``keys``/``values`` are (N, T, hd) int8 views whose last two dimensions are contiguous (rows
@@ -167,17 +179,8 @@ class Kernels:
         weight = torch.randint(-127, 128, (576, 576), generator=generator, dtype=torch.int8)
         row_scale, scale = torch.ones(64, 1), torch.ones(576)
 
-        def fastest(product: Callable[[], object]) -> float:
-            product()  # warm up (first-use checks, allocations)
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                product()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        own = fastest(lambda: self.exact_matmul(q, row_scale, weight, scale, None))
-        theirs = fastest(lambda: self.combine_products(int8_products(q, weight), row_scale, scale, None))
+        own = fastest_seconds(lambda: self.exact_matmul(q, row_scale, weight, scale, None))
+        theirs = fastest_seconds(lambda: self.combine_products(int8_products(q, weight), row_scale, scale, None))
         return own < theirs
 
     @staticmethod
