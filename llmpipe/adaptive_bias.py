@@ -88,7 +88,8 @@ class AdaptiveBias:
             return kernels.bias_tables(freq, rows, self.bias, multipliers(), LIMIT, self._budget())
         steps = ((self.bias[rows] + LIMIT) >> GRID_SHIFT).long()  # floor(B / 256) + LIMIT_STEPS, never negative
         products = (freq - 1.0).mul_(multipliers()[steps])  # integers below 2^53: exact
-        share = self._budget() / products.sum(dim=1, keepdim=True)  # exact sums; one rounded division
+        total = products.sum(dim=1, keepdim=True)  # exact sums
+        share = torch.full_like(total, self._budget()) / total  # one rounded division (scalar / tensor is not)
         return products.mul_(share).floor_().add_(1.0)
 
     def learn(self, tables: torch.Tensor, rows: list[int], symbols: list[int]) -> None:
@@ -97,7 +98,8 @@ class AdaptiveBias:
         if kernels is not None and tables.dtype == torch.float64:
             kernels.bias_learn(tables, rows, symbols, self.bias, RATE, LIMIT)
             return
-        ratio = RATE / tables.sum(dim=1, keepdim=True)
+        total = tables.sum(dim=1, keepdim=True)
+        ratio = torch.full_like(total, float(RATE)) / total  # the spec's division, as the kernels do it
         bias = self.bias[rows] - tables.mul(ratio).floor_().to(torch.int32)
         bias[torch.arange(len(rows)), symbols] += RATE
         self.bias[rows] = bias.clamp_(-LIMIT, LIMIT)
