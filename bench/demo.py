@@ -15,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmpipe.compressor import Compressor  # noqa: E402
-from llmpipe.decompressor import Decompressor  # noqa: E402
+from llmpipe.pipeline.compress import Compressor  # noqa: E402
+from llmpipe.pipeline.decompress import Decompressor  # noqa: E402
 
 CORPUS_FILE = ROOT.parent / "shared" / "corpus" / "enwik" / "enwik8_first_1000000"
 

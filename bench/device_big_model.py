@@ -42,11 +42,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.memory import TEXT, TOKENIZER, random_weights, reduced_config  # noqa: E402
-from llmpipe import mixer  # noqa: E402
-from llmpipe.codec import ContextWindow, LlmCoder  # noqa: E402
+from llmpipe.codec import mixer  # noqa: E402
+from llmpipe.codec.coder import LlmCoder  # noqa: E402
+from llmpipe.codec.context import ContextWindow  # noqa: E402
 from llmpipe.engine import create_engine  # noqa: E402
-from llmpipe.engine.plan import plan_memory  # noqa: E402
 from llmpipe.models.cache import LoadedModel  # noqa: E402
+from llmpipe.pipeline.plan import plan_memory  # noqa: E402
 from llmpipe.tokenization import ByteTokenizer  # noqa: E402
 
 BYTES_PER_TOKEN = 4.0

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from bench.bench import save  # noqa: E402
+from bench.common import save  # noqa: E402
 from llmpipe.models.config import ModelConfig  # noqa: E402
 from llmpipe.models.known import known_config  # noqa: E402
 
@@ -171,8 +171,8 @@ def step_load(directory: str) -> dict:
 
 
 def step_code(directory: str, numerics: str, dtype: str, load_in_8bit: bool, batch: int, size: int) -> dict:
-    from llmpipe.compressor import Compressor
     from llmpipe.models import cache
+    from llmpipe.pipeline.compress import Compressor
 
     model = cache.load(directory)
     data = TEXT.read_bytes()[:size]

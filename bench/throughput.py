@@ -5,8 +5,8 @@ Each file is compressed and decompressed at each thread count with the default s
 included), the archive checked against the input. A profile times every call into the engine's compiled
 kernels and the coder by kind (wrapping them for the run: a microsecond or so per call, included in the
 totals); *Python and the rest* is what is left of the wall time (glue, torch's own small operations,
-tokenising, zstd). The *roofline* is the product kernel the engine uses (``Kernels.exact_matmul`` or
-``torch._int_mm`` with its combining pass, whichever ``Kernels.products_win`` picked), timed in the same
+tokenising, zstd). The *roofline* is the product kernel the engine uses (``NetworkKernels.exact_matmul`` or
+``torch._int_mm`` with its combining pass, whichever ``integer_ops.fused_products_win`` picked), timed in the same
 run on an encoder pass's shape; *of roofline* is the network's useful products (one multiply-add of an
 int16 activation by an int8 weight per weight and token: ``products_per_token``) at the measured tokens per
 second, as a fraction of it.
@@ -27,27 +27,38 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from llmpipe import mixer
-from llmpipe.coder.range_coder import RangeDecoder, RangeEncoder
-from llmpipe.compressor import Compressor
-from llmpipe.decompressor import Decompressor
-from llmpipe.engine import integer_ops, native
+from llmpipe.codec import mixer
+from llmpipe.codec.kernels import CodingKernels
+from llmpipe.codec.range_coder import RangeDecoder, RangeEncoder
+from llmpipe.engine import integer_ops
 from llmpipe.engine.integer_ops import ACT_MAX, int8_products
+from llmpipe.engine.kernels import NetworkKernels
 from llmpipe.models import cache
 from llmpipe.models.config import ModelConfig
+from llmpipe.pipeline.compress import Compressor
+from llmpipe.pipeline.decompress import Decompressor
 
 PARTS = {
-    "products": ("Kernels.exact_matmul", "Kernels.combine_products", "Kernels.split_bytes", "integer_ops.int8_matmul"),
-    "attention": ("Kernels.attention", "Kernels.prepare_qkv"),
-    "norms, activations": ("Kernels.rms_norm_quantize", "Kernels.quantize_rows", "Kernels.activation"),
-    "frequency tables": ("Kernels.frequency_tables",),
+    "products": (
+        "NetworkKernels.exact_matmul",
+        "NetworkKernels.combine_products",
+        "NetworkKernels.split_bytes",
+        "integer_ops.int8_matmul",
+    ),
+    "attention": ("NetworkKernels.attention", "NetworkKernels.prepare_qkv"),
+    "norms, activations": (
+        "NetworkKernels.rms_norm_quantize",
+        "NetworkKernels.quantize_rows",
+        "NetworkKernels.activation",
+    ),
+    "frequency tables": ("CodingKernels.frequency_tables",),
     "bias and mixed tables": (
-        "Kernels.bias_run",
-        "Kernels.bias_tables",
-        "Kernels.bias_learn",
-        "Kernels.code_mixed",
-        "Kernels.mixed_tables_search",
-        "Kernels.row_totals",
+        "CodingKernels.bias_run",
+        "CodingKernels.bias_tables",
+        "CodingKernels.bias_learn",
+        "CodingKernels.code_mixed",
+        "CodingKernels.mixed_tables_search",
+        "CodingKernels.row_totals",
     ),
     "mixer (Python)": ("RowHistory.predict", "RowHistory.update"),
     "range coder": ("RangeEncoder.encode", "RangeDecoder.target", "RangeDecoder.consume"),
@@ -55,7 +66,8 @@ PARTS = {
 }
 """What the profile times, by part: methods of these classes (and the int8 product of ``integer_ops``)."""
 OWNERS = {
-    "Kernels": native.Kernels,
+    "NetworkKernels": NetworkKernels,
+    "CodingKernels": CodingKernels,
     "RowHistory": mixer.RowHistory,
     "RangeEncoder": RangeEncoder,
     "RangeDecoder": RangeDecoder,
@@ -111,13 +123,13 @@ def roofline_rate(threads: int) -> tuple[str, float]:
     """The engine's product kernel on :data:`ROOFLINE_SHAPE` (best of five): its name and multiply-adds per
     second (int16 activations by int8 weights)."""
     torch.set_num_threads(threads)
-    kernels = native.kernels_for(torch.device("cpu"))
+    kernels = integer_ops.kernels_for(torch.device("cpu"))
     m, k, n = ROOFLINE_SHAPE
     generator = torch.Generator().manual_seed(0)
     q = torch.randint(-ACT_MAX, ACT_MAX + 1, (m, k), generator=generator).float()
     weight = torch.randint(-127, 128, (k, n), generator=generator, dtype=torch.int8)
     row_scale, scale = torch.ones(m, 1), torch.ones(n)
-    if kernels is not None and kernels.products_win:
+    if kernels is not None and integer_ops.fused_products_win(kernels):
         name, product = "exact_matmul", lambda: kernels.exact_matmul(q, row_scale, weight, scale, None)
     else:
         name, product = "torch._int_mm", lambda: int8_products(q, weight)
@@ -194,7 +206,8 @@ def run(args: argparse.Namespace, corpus, results, save: Callable[[str, dict], N
 
 
 TILES = (
-    "The products split into 96-row by 16-column tiles (`kernels.c`, `product_run`): an encoder pass of 2,048 "
+    "The products split into 96-row by 16-column tiles (`llmpipe/engine/products.c`, `product_run`): an encoder "
+    "pass of 2,048 "
     "positions against a 576 x 1,536 weight makes 22 x 96 tiles, a decoding step of 64 rows 1 x 96 (36 for the "
     "576-column projections), enough for 16 cores; what bounds many cores' decoding steps besides is the "
     "weights each step reads (135 MB for SmolLM2) and the one-threaded parts."

@@ -2,6 +2,6 @@
 
 import sys
 
-from llmpipe.cli import main
+from llmpipe.cli.main import main
 
 sys.exit(main())

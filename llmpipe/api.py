@@ -10,8 +10,8 @@
     ...     f.read()
     b'some text'
 
-For many calls, keep a :class:`~llmpipe.compressor.Compressor` or
-:class:`~llmpipe.decompressor.Decompressor`: each holds its loaded model.
+For many calls, keep a ``llmpipe.Compressor`` or ``llmpipe.Decompressor``
+(:mod:`llmpipe.pipeline.compress`, :mod:`llmpipe.pipeline.decompress`): each holds its loaded model.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from os import PathLike
 from typing import BinaryIO
 
-from llmpipe.compressor import CompressionWriter, Compressor
-from llmpipe.decompressor import Decompressor
+from llmpipe.pipeline.compress import CompressionWriter, Compressor
+from llmpipe.pipeline.decompress import Decompressor
 
 
 def compress(data: bytes, **options) -> bytes:

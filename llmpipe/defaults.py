@@ -10,8 +10,11 @@ windows or overlaps gain 0.2-0.6% more but decode below 75% of 8 KB chunks.
 """
 
 import os
+from pathlib import Path
 
 from llmpipe.errors import UsageError
+
+VERSION = "0.5.0"  # llmpipe's release (pyproject.toml's version), written into every stream header
 
 DEFAULT_CHUNK_SIZE = 32768
 DEFAULT_BATCH = 64
@@ -39,3 +42,11 @@ def resolve_threads(threads: int) -> int:
     except (AttributeError, OSError):  # not on Linux
         available = os.cpu_count() or 1
     return max(1, min(MAX_THREADS, available))
+
+
+def cache_dir() -> Path:
+    """Root of llmpipe's cache, honouring ``LLMPIPE_CACHE`` and ``XDG_CACHE_HOME``."""
+    if os.environ.get("LLMPIPE_CACHE"):
+        return Path(os.environ["LLMPIPE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llmpipe"

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import zstandard
 
-from llmpipe.decompressor import Decompressor
 from llmpipe.errors import LlmpipeError
 from llmpipe.format.container import FOOTER_SIZE, MAGIC, encode_varint, index_and_footer_bytes
+from llmpipe.pipeline.decompress import Decompressor
 
 
 @dataclass
@@ -169,8 +169,8 @@ if __name__ == "__main__":
     import tempfile
     from pathlib import Path
 
-    from llmpipe.compressor import Compressor
     from llmpipe.models import cache
+    from llmpipe.pipeline.compress import Compressor
     from tests.tiny_model import COMMITTED, DATA, build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:

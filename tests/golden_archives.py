@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from llmpipe.compressor import Compressor
-from llmpipe.decompressor import Decompressor
+from llmpipe.pipeline.compress import Compressor
+from llmpipe.pipeline.decompress import Decompressor
 from tests.bad_archives import split_header, split_index
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

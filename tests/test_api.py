@@ -46,3 +46,10 @@ def test_open_streams_in_pieces_of_any_size(tiny_model, tmp_path, data, seed, ch
 def test_open_rejects_other_modes(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         llmpipe.open(tmp_path / "x", "a")
+
+
+def test_the_classes_that_keep_a_model_are_offered_at_the_top():
+    from llmpipe.pipeline.compress import Compressor
+    from llmpipe.pipeline.decompress import Decompressor
+
+    assert llmpipe.Compressor is Compressor and llmpipe.Decompressor is Decompressor

@@ -1,8 +1,8 @@
 """The bad-input suite (tests/bad_archives.py) on a small archive made with the tiny model."""
 
-from llmpipe.compressor import Compressor
-from llmpipe.decompressor import Decompressor
 from llmpipe.models import cache
+from llmpipe.pipeline.compress import Compressor
+from llmpipe.pipeline.decompress import Decompressor
 from tests import bad_archives
 from tests.tiny_model import DATA, build_tiny_model
 

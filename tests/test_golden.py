@@ -1,7 +1,7 @@
 """The golden archive of the committed tiny model (see ``tests/golden_archives.py``)."""
 
-from llmpipe.compressor import Compressor
-from llmpipe.decompressor import Decompressor
+from llmpipe.pipeline.compress import Compressor
+from llmpipe.pipeline.decompress import Decompressor
 from tests.golden_archives import check_golden, decode_golden
 from tests.tiny_model import DATA
 

@@ -1,4 +1,4 @@
-"""Inference engines: they turn model inputs into frequency tables for the coder.
+"""Inference engines: they turn model inputs into logits, which the codec turns into frequency tables.
 
 ``exact`` (the default) computes every number in exact integer arithmetic so
 archives decode on any machine; ``float`` runs float32, float16 or bfloat16

@@ -19,20 +19,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llmpipe.coder.frequencies import frequency_tables
-from llmpipe.engine.exact_transformer import NUMERICS_VERSION, ExactKVCache, ExactTransformer, prepare_exact_weights
+from llmpipe.engine.exact_transformer import NUMERICS_VERSION, ExactKVCache, ExactTransformer
+from llmpipe.engine.exact_weights import prepare_exact_weights
 from llmpipe.engine.memory import available_memory, check_kv_budget
+from llmpipe.engine.protocol import Prompt, prompt_rows
 from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LazyWeights, LoadedModel, weights_hash
-from llmpipe.steering.prompt import SteeringPrompt, prompt_rows
-from llmpipe.tokenization import ESCAPE_SYMBOLS
 
 TOKENS_PER_PASS = 1024
 """Positions one full-sequence pass handles together (rows x length): bounds the encoder's memory."""
 HEAD_SLICE = 64
-"""Positions turned into frequency tables at a time (each table is V + 256 float64 values). Small on
-purpose: 64 tables (25 MB for a 49k vocabulary) come from reused heap memory, while 512 (200 MB) are
-fresh pages on every allocation; measured, compression took 30% longer with 512."""
+"""Positions whose logits are computed and handed on at a time (the coder turns each into a table of
+V + 256 float64 values). Small on purpose: 64 tables (25 MB for a 49k vocabulary) come from reused heap
+memory, while 512 (200 MB) are fresh pages on every allocation; measured, compression took 30% longer
+with 512."""
 
 
 def _exact_weights(model: LoadedModel) -> Mapping[str, torch.Tensor]:
@@ -80,7 +80,7 @@ class ExactEngine:
         """The header's numerics record: no machine details, since they do not matter."""
         return {"engine": "exact", "version": NUMERICS_VERSION}
 
-    def set_prompt(self, prompt: SteeringPrompt | None) -> None:
+    def set_prompt(self, prompt: Prompt | None) -> None:
         """Steer every row with ``prompt`` (None: no prompt); its positions come out of the model's context."""
         self._network.set_prompt(prompt_rows(prompt, self._network.embed))
         self.max_positions = self._network.config.max_position_embeddings - (prompt.length if prompt else 0)
@@ -89,13 +89,13 @@ class ExactEngine:
         check_kv_budget(rows, max_len, self.max_positions, self.kv_bytes_per_position, self.kv_limit)
         return LockstepSession(self._network, rows, max_len)
 
-    def tables(self, inputs: list[list[int]], skips: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def scores(self, inputs: list[list[int]], skips: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Score every position of every row in full-sequence passes.
 
         ``inputs[r]`` is the model input of row ``r`` (the prime token, then
         symbols); its first ``skips[r]`` positions are context only. Yields
-        ``(row, first, freq)`` with ``freq`` the tables of consecutive scored
-        positions from ``skips[r] + first``, in row order.
+        ``(row, first, logits)`` with ``logits`` (n, V) float32 those of
+        consecutive scored positions from ``skips[r] + first``, in row order.
         """
         r = 0
         while r < len(inputs):
@@ -112,6 +112,5 @@ class ExactEngine:
                     for a in range(skips[i], n, HEAD_SLICE):
                         b = min(n, a + HEAD_SLICE)
                         part = slice(j * width + a, j * width + b)
-                        freq = frequency_tables(self._network.logits(normed.select(part)), ESCAPE_SYMBOLS)
-                        yield i, a - skips[i], freq
+                        yield i, a - skips[i], self._network.logits(normed.select(part))
             r += len(batch)

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from llmpipe.engine.memory import available_memory, check_kv_budget
+from llmpipe.engine.protocol import Prompt, prompt_rows
 from llmpipe.engine.session import LockstepSession
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.linear import INT8_THRESHOLD, bitsandbytes_version
 from llmpipe.models.transformer import KVCache, Transformer
-from llmpipe.steering.prompt import SteeringPrompt, prompt_rows
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -84,7 +84,7 @@ class FloatEngine:
     def numerics(self) -> dict:
         return dict(self._fingerprint)
 
-    def set_prompt(self, prompt: SteeringPrompt | None) -> None:
+    def set_prompt(self, prompt: Prompt | None) -> None:
         """Steer every row with ``prompt`` (None: no prompt); its positions come out of the model's context."""
         self._network.set_prompt(prompt_rows(prompt, self._network.embed))
         self.max_positions = self._network.config.max_position_embeddings - (prompt.length if prompt else 0)

@@ -12,9 +12,13 @@ turn ``x / scalar`` into ``x * (1 / scalar)``, which rounds differently).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
-from llmpipe.engine.native import fastest_seconds, kernels_for
+from llmpipe.engine import kernels as compiled_kernels
+from llmpipe.engine.kernels import NetworkKernels
+from llmpipe.numerics.native import enabled, fastest_seconds
 
 ACT_MAX = 32639
 """Activations are int16 in [-ACT_MAX, ACT_MAX] = 127 * 256 + 127, so that both bytes of
@@ -32,7 +36,7 @@ def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tenso
 
     Returns the integer values (as float32) and the row scale (``x ~ q * scale``),
     shape ``(..., 1)``. An all-zero row gets scale 0. On the CPU in one pass of
-    the compiled kernel when there is one (``native``), else :func:`quantize_rows_torch`:
+    the compiled kernel when there is one (``kernels``), else :func:`quantize_rows_torch`:
     the same float32 operations, the same bits.
     """
     kernels = kernels_for(x.device)
@@ -49,11 +53,6 @@ def quantize_rows_torch(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch
     inverse = torch.where(amax > 0, limit / amax, torch.zeros_like(amax))
     q = torch.round(x * inverse).clamp_(-qmax, qmax)
     return q, amax * (1.0 / qmax)  # 1/qmax is rounded once, the same everywhere
-
-
-def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` for a float tensor of non-negative integer indices (int32 indexing: faster than int64)."""
-    return table.index_select(0, index.to(torch.int32).view(-1)).view(index.shape)
 
 
 def split_bytes(q: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -157,7 +156,7 @@ def int8_products(q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
 
 def split_bytes_int8(q: torch.Tensor) -> torch.Tensor:
     """:func:`split_bytes` of (M, K) ``q`` along the rows, as int8 (2M, K): one pass of the compiled kernel
-    on the CPU when there is one (``native``)."""
+    on the CPU when there is one (``kernels``)."""
     kernels = kernels_for(q.device)
     if kernels is None or q.dtype != torch.float32 or not q.numel():
         return split_bytes(q).to(torch.int8)
@@ -168,3 +167,44 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(N, K)`` -> int8 ``(N, K)`` and float32 scales ``(N,)``, one per output channel."""
     q, scale = quantize_rows(weight.to(torch.float32), WEIGHT_MAX)
     return q.to(torch.int8), scale[:, 0]
+
+
+@cache
+def _checked_kernels() -> NetworkKernels | None:
+    """The engine's compiled kernels when they build and agree with the torch path here (once a process)."""
+    kernels = compiled_kernels.compiled() if enabled() else None
+    return kernels if kernels is not None and kernels_agree(kernels) else None
+
+
+def kernels_for(device: torch.device) -> NetworkKernels | None:
+    """The engine's kernels for tensors on ``device``, or None (use the torch path)."""
+    return _checked_kernels() if device.type == "cpu" else None
+
+
+def kernels_agree(kernels: NetworkKernels) -> bool:
+    """Do the quantisation and byte split give torch's bits (ties at .5, all-zero rows, magnitudes from
+    2^-30 to 2^30)? (``exact_transformer`` checks ``attention`` against its torch path per model.)"""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 300, generator=generator) * torch.exp2(torch.randint(-30, 31, (9, 1), generator=generator))
+    x[0] = 0.0
+    x[1, :] = torch.arange(300) - 149.5  # ties
+    quantised, amax = kernels.quantize_rows(x, ACT_MAX)
+    reference, scale = quantize_rows_torch(x, ACT_MAX)
+    quantise_ok = torch.equal(quantised, reference) and torch.equal(amax * (1.0 / ACT_MAX), scale)
+    return quantise_ok and torch.equal(kernels.split_bytes(quantised), split_bytes(quantised).to(torch.int8))
+
+
+@cache
+def fused_products_win(kernels: NetworkKernels) -> bool:
+    """Is ``kernels.exact_matmul`` faster here than torch's int8 product of the split rows with
+    ``combine_products`` (the same bits)? Timed once on a decoding step's shape: torch's CPU product is
+    fast only where oneDNN has int8 instructions for it (AVX-512 VNNI, AMX); elsewhere it ran at 1 G
+    multiply-adds per second, 60-90x slower than the kernel."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(-ACT_MAX, ACT_MAX + 1, (64, 576), generator=generator).float()
+    weight = torch.randint(-127, 128, (576, 576), generator=generator, dtype=torch.int8)
+    row_scale, scale = torch.ones(64, 1), torch.ones(576)
+
+    own = fastest_seconds(lambda: kernels.exact_matmul(q, row_scale, weight, scale, None))
+    theirs = fastest_seconds(lambda: kernels.combine_products(int8_products(q, weight), row_scale, scale, None))
+    return own < theirs

@@ -1,4 +1,4 @@
-"""Memory limits checked before a lockstep group is coded: its KV cache and its rows' history models."""
+"""Memory limits checked before a lockstep group is coded: the memory there is, and its KV cache."""
 
 from __future__ import annotations
 
@@ -36,24 +36,4 @@ def check_kv_budget(rows: int, max_len: int, max_positions: int, bytes_per_posit
         raise LlmpipeError(
             f"{rows} rows x {max_len} positions need {needed / 2**30:.1f} GiB of KV cache, "
             f"over the {limit / 2**30:.1f} GiB available (use a smaller --batch or --chunk-size)"
-        )
-
-
-HISTORY_BYTES_PER_SYMBOL = 1600
-"""Memory of the mixer's history model per symbol (n-gram contexts, match index): 1,565 measured on enwik8."""
-BIAS_BYTES_PER_SYMBOL = 4 + 8
-"""A row's adaptive bias per symbol of the alphabet (not of the text): its int32 bias and its float64 biased table."""
-HISTORY_LIMIT = 8 << 30
-"""Largest memory the history models of one group may take (bytes)."""
-HISTORY_SYMBOLS = HISTORY_LIMIT // HISTORY_BYTES_PER_SYMBOL
-"""The symbols that fit in it: about 5.4 million (an 8 MB window of the densest text a row may hold)."""
-
-
-def check_history_budget(symbols: int) -> None:
-    """Refuse a group whose rows hold more symbols than their history models may remember."""
-    if symbols > HISTORY_SYMBOLS:
-        needed = symbols * HISTORY_BYTES_PER_SYMBOL
-        raise LlmpipeError(
-            f"{symbols} symbols in one group need {needed / 2**30:.1f} GiB for the mixer's history, over the "
-            f"{HISTORY_LIMIT >> 30} GiB limit (use a smaller --batch or --chunk-size, or --mixer none)"
         )

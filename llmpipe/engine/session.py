@@ -6,9 +6,6 @@ from typing import Protocol
 
 import torch
 
-from llmpipe.coder.frequencies import frequency_tables
-from llmpipe.tokenization import ESCAPE_SYMBOLS
-
 PREFILL_TOKENS = 1024
 """Tokens (rows x positions) one prefill pass handles."""
 
@@ -32,11 +29,11 @@ class LockstepSession:
         self._cache = model.new_cache(rows, max_len)
 
     def step(self, inputs: list[int]) -> torch.Tensor:
-        """Feed one token per row; return the frequency tables for the next symbols, (rows, V + 256)."""
+        """Feed one token per row; return the logits of every row's next position, (rows, V) float32."""
         tokens = torch.tensor(inputs, dtype=torch.long).unsqueeze(1)  # (B, 1)
         with torch.inference_mode():
             logits = self._model.forward(tokens, self._cache)  # (B, 1, V)
-        return frequency_tables(logits[:, 0], ESCAPE_SYMBOLS)
+        return logits[:, 0]
 
     def restart(self, prefixes: list[list[int]]) -> None:
         """Empty the cache (but for the steering prompt) and fill it with ``prefixes`` (one per row, equal

@@ -13,7 +13,6 @@ Concatenated streams form a valid archive.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ MAX_CONTEXT = 1 << 20  # largest context window a header may declare (tokens)
 MAX_INDEX_BYTES = 1 << 30  # largest index a reader loads (about 100 million blocks)
 FOOTER_SIZE = 16
 _VARINT_MAX_BYTES = 9
-_STREAM_HEADER_FIXED = len(MAGIC) + 2 + 8
+STREAM_HEADER_FIXED = len(MAGIC) + 2 + 8
 
 
 class BlockKind(IntEnum):
@@ -67,7 +66,7 @@ def encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _decode_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
+def decode_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
     """The varint at ``data[pos:]`` and the position after it (for records already in memory)."""
     value = 0
     for i in range(_VARINT_MAX_BYTES):
@@ -167,6 +166,12 @@ class StreamWriter:
     block_count: int = 0
     total_size: int = 0
     entries: bytearray = field(default_factory=bytearray)
+
+    @classmethod
+    def continuing(cls, sink: BinaryIO, reader: ContainerReader) -> StreamWriter:
+        """A writer that continues the stream ``reader`` is reading from ``sink`` after what it has read so
+        far (the header and whole blocks): how ``--resume`` keeps a partial archive."""
+        return cls(sink, reader.header_size, reader.offset, reader.blocks, reader.total, bytearray(reader.entries))
 
     def write_header(self, header: dict) -> int:
         data = stream_header_bytes(header)
@@ -332,106 +337,3 @@ class ContainerReader:
             raise ArchiveError("corrupt footer")
         if struct.unpack("<Q", footer[4:12])[0] != self.offset - FOOTER_SIZE - start:
             raise ArchiveError("corrupt footer: index size mismatch")
-
-
-@dataclass
-class BlockEntry:
-    """A block as the index describes it, located in the file and in the original."""
-
-    number: int  # 1-based within its stream
-    kind: BlockKind
-    flags: int
-    offset: int  # file offset of the block header
-    stored_size: int  # block header and payload
-    original_offset: int  # within the whole archive's content (all streams)
-    original_size: int
-    token_count: int
-
-
-@dataclass
-class StreamIndex:
-    """One stream of a seekable archive, read from its footer and index only."""
-
-    start: int  # file offset of the stream's magic
-    header_size: int
-    blocks: list[BlockEntry]
-    original_size: int
-    index_size: int  # index record and footer
-    header: dict = field(default_factory=dict)
-
-    @property
-    def stored_size(self) -> int:
-        return self.header_size + sum(b.stored_size for b in self.blocks) + self.index_size
-
-
-def read_archive_index(source: BinaryIO, name: str) -> list[StreamIndex]:
-    """The index of every stream of a seekable archive, walking back from the end; headers are read too.
-
-    Raises :class:`ArchiveError` when the end of the file is not a valid
-    footer (a truncated archive, trailing garbage) or the pieces disagree.
-    """
-    end = source.seek(0, os.SEEK_END)
-    if end == 0:
-        raise ArchiveError("empty input: not an llmpipe archive")
-    streams: list[StreamIndex] = []
-    while end > 0:
-        if end < _STREAM_HEADER_FIXED + 2 + FOOTER_SIZE:
-            raise ArchiveError("no index: the archive is truncated or has trailing data")
-        source.seek(end - FOOTER_SIZE)
-        footer = source.read(FOOTER_SIZE)
-        if footer[12:] != FOOTER_MAGIC or struct.unpack("<I", footer[:4])[0] != crc32(footer[4:12]):
-            raise ArchiveError("no index: the archive is truncated or has trailing data (footer not found)")
-        (index_size,) = struct.unpack("<Q", footer[4:12])
-        index_start = end - FOOTER_SIZE - index_size
-        if not 6 <= index_size <= MAX_INDEX_BYTES or index_start < 0:
-            raise ArchiveError("corrupt footer: index size out of range")
-        source.seek(index_start)
-        index = source.read(index_size)
-        if crc32(index[:-4]) != struct.unpack("<I", index[-4:])[0] or index[:2] != bytes([BlockKind.INDEX, 0]):
-            raise ArchiveError("corrupt index: CRC mismatch")
-        stream = _parse_index(index[:-4], index_start, index_size + FOOTER_SIZE)
-        if stream.start < 0:
-            raise ArchiveError("corrupt index: more data than the file holds")
-        streams.append(stream)
-        end = stream.start
-    streams.reverse()
-    base = 0
-    for stream in streams:
-        reader = ContainerReader(source, name, stream.start)
-        source.seek(stream.start)
-        header = reader.read_stream_header(first=True)
-        if reader.header_size != stream.header_size:
-            raise ArchiveError("corrupt index: header size disagrees with the header")
-        stream.header = header or {}
-        for block in stream.blocks:
-            block.original_offset += base
-        base += stream.original_size
-    return streams
-
-
-def _parse_index(index: bytes, index_start: int, index_size: int) -> StreamIndex:
-    header_size, pos = _decode_varint(index, 2, "index")
-    count, pos = _decode_varint(index, pos, "index")
-    total, pos = _decode_varint(index, pos, "index")
-    if count > len(index):  # every entry takes at least four bytes
-        raise ArchiveError("corrupt index: block count out of range")
-    blocks = []
-    offset = original = 0
-    for number in range(1, count + 1):
-        if pos + 2 > len(index):
-            raise ArchiveError("corrupt index: ends inside an entry")
-        kind, flags = index[pos], index[pos + 1]
-        if kind not in (BlockKind.RAW, BlockKind.ZSTD, BlockKind.LLM):
-            raise ArchiveError(f"corrupt index: unknown block kind {kind}")
-        stored, pos = _decode_varint(index, pos + 2, "index")
-        size, pos = _decode_varint(index, pos, "index")
-        tokens, pos = _decode_varint(index, pos, "index") if kind == BlockKind.LLM else (0, pos)
-        blocks.append(BlockEntry(number, BlockKind(kind), flags, offset, stored, original, size, tokens))
-        offset += stored
-        original += size
-    if pos != len(index) or original != total:
-        raise ArchiveError("corrupt index: entries and totals disagree")
-    start = index_start - offset - header_size
-    for block in blocks:
-        block.offset += start + header_size
-    return StreamIndex(start, header_size, blocks, total, index_size)

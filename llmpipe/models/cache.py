@@ -39,6 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llmpipe.defaults import cache_dir
 from llmpipe.errors import ModelError
 from llmpipe.models.config import ModelConfig
 from llmpipe.models.convert import canonical_weights
@@ -55,14 +56,6 @@ DEFAULT_WHEEL = {
 }
 
 _META = "llmpipe.json"
-
-
-def cache_dir() -> Path:
-    """Root of llmpipe's cache, honouring ``LLMPIPE_CACHE`` and ``XDG_CACHE_HOME``."""
-    if os.environ.get("LLMPIPE_CACHE"):
-        return Path(os.environ["LLMPIPE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "llmpipe"
 
 
 @dataclass

@@ -6,7 +6,7 @@ Two priors, both built from integers only, so every machine codes the same:
   steps, a multiple of 1/16 so the header stores it exactly) discretised over
   the bins ``[-limit, limit]``, ``limit = max(1, floor(6 scale))``. Its
   frequencies come from 40-digit decimal arithmetic
-  (``engine.tables.gaussian_cdf``): ``f(q) = 1 + floor((2^16 - n) (Phi(u) -
+  (``numerics.tables.gaussian_cdf``): ``f(q) = 1 + floor((2^16 - n) (Phi(u) -
   Phi(l)))`` with ``n = 2 limit + 1`` bins and ``l, u = (q -+ 1/2) / scale``.
   One number of side information.
 - ``empirical``: the symbols' own histogram over ``[low, high]``, learned
@@ -23,9 +23,9 @@ import decimal
 import functools
 import math
 
-from llmpipe.coder.range_coder import RangeDecoder, RangeEncoder
-from llmpipe.engine.tables import gaussian_cdf
+from llmpipe.codec.range_coder import RangeDecoder, RangeEncoder
 from llmpipe.errors import ArchiveError
+from llmpipe.numerics.tables import gaussian_cdf
 
 PRIORS = ("gaussian", "empirical")
 PRIOR_BITS = 16

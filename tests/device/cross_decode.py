@@ -37,11 +37,12 @@ import torch
 os.environ.setdefault("LLMPIPE_CACHE", tempfile.mkdtemp(prefix="llmpipe-device-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from llmpipe.coder.frequencies import frequency_tables  # noqa: E402
-from llmpipe.compressor import Compressor  # noqa: E402
-from llmpipe.decompressor import Decompressor  # noqa: E402
-from llmpipe.engine.exact_transformer import ExactTransformer, prepare_exact_weights  # noqa: E402
+from llmpipe.codec.frequencies import frequency_tables  # noqa: E402
+from llmpipe.engine.exact_transformer import ExactTransformer  # noqa: E402
+from llmpipe.engine.exact_weights import prepare_exact_weights  # noqa: E402
 from llmpipe.models import cache  # noqa: E402
+from llmpipe.pipeline.compress import Compressor  # noqa: E402
+from llmpipe.pipeline.decompress import Decompressor  # noqa: E402
 from tests.engine.test_exact_transformer import PINNED_TABLES_SHA256, _integer_seeded_model  # noqa: E402
 from tests.tiny_model import COMMITTED, DATA, build_tiny_model  # noqa: E402
 

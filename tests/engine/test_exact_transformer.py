@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmpipe.coder.frequencies import frequency_tables
-from llmpipe.engine.exact_transformer import ExactTransformer, fixed_point_dot, prepare_exact_weights
+from llmpipe.codec.frequencies import frequency_tables
+from llmpipe.engine.exact_transformer import ExactTransformer
+from llmpipe.engine.exact_weights import fixed_point_dot, prepare_exact_weights
 from llmpipe.models.config import ModelConfig
 from llmpipe.models.transformer import Transformer
 from tests.conftest import ARCHITECTURES

@@ -14,9 +14,9 @@ from llmpipe.format.container import (
     encode_varint,
     index_and_footer_bytes,
     index_entry,
-    read_archive_index,
     stream_header_bytes,
 )
+from llmpipe.format.index import read_archive_index
 
 HEADER = {"chunk_size": 64, "model": {}, "numerics": {"batch": 1}}
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from llmpipe.engine.plan import parameter_count
 from llmpipe.errors import ModelError
 from llmpipe.models.config import ModelConfig
 from llmpipe.models.known import KNOWN_CONFIGS, known_config
+from llmpipe.pipeline.plan import parameter_count
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmpipe.compressor import Compressor
-from llmpipe.decompressor import Decompressor
+from llmpipe.pipeline.compress import Compressor
+from llmpipe.pipeline.decompress import Decompressor
 from tests.conftest import REAL_CACHE, corpus_file
 from tests.tiny_model import DATA
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from llmpipe.compressor import Compressor
-from llmpipe.decompressor import Decompressor
+from llmpipe.pipeline.compress import Compressor
+from llmpipe.pipeline.decompress import Decompressor
 from tests.golden_archives import check_golden, decode_golden
 from tests.tiny_model import DATA
 

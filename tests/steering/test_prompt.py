@@ -7,13 +7,13 @@ import re
 import pytest
 import torch
 
-from llmpipe.compressor import Compressor
-from llmpipe.decompressor import Decompressor
 from llmpipe.errors import ArchiveError, UsageError
+from llmpipe.pipeline.compress import Compressor
+from llmpipe.pipeline.decompress import Decompressor
 from llmpipe.steering.prompt import parse_steer, prompt_from_record, random_prompt
 from tests.bad_archives import split_header, with_header
+from tests.cli.test_cli import run
 from tests.conftest import ARCHITECTURES
-from tests.test_cli import run
 from tests.tiny_model import DATA
 
 TEXT = (DATA / "alice_chapter1.txt").read_bytes()
@@ -65,9 +65,9 @@ def test_exact_text_prompt_equals_the_prompt_tokens_run_inline(tiny_model):
     rows = [tiny_model.tokenizer.encode(TEXT[a : a + 200])[:40] for a in (0, 500, 900)]
     inputs = [[tiny_model.tokenizer.prime_token] + [tiny_model.tokenizer.model_input(s) for s in r] for r in rows]
     inline = [list(prompt.tokens) + x for x in inputs]
-    expected = {i: freq for i, _, freq in engine.tables(inline, [len(prompt.tokens)] * 3)}
+    expected = {i: logits for i, _, logits in engine.scores(inline, [len(prompt.tokens)] * 3)}
     engine.set_prompt(prompt)
-    steered = {i: freq for i, _, freq in engine.tables(inputs, [0] * 3)}
+    steered = {i: logits for i, _, logits in engine.scores(inputs, [0] * 3)}
     assert all(torch.equal(steered[i], expected[i]) for i in range(3))
     session = engine.session(3, 41)  # the decoder's path: the shared cache, one position per step
     stepped = [session.step([x[p] for x in inputs]) for p in range(41)]
@@ -125,7 +125,7 @@ def test_learned_prompt_is_what_the_decoder_rebuilds(tiny_model):
 def test_every_quantiser_and_prior_round_trips_at_another_batch(tiny_model, monkeypatch, numerics, coding):
     """``learn:N`` with each coding forced: the decoder rebuilds the vector from the header and decodes at
     another batch size, with either engine."""
-    from llmpipe import compressor as module
+    from llmpipe.pipeline import steer as module
 
     quantiser, prior = coding.split(", ")
     picked = []
@@ -160,7 +160,7 @@ def test_auto_costs_nothing_on_small_inputs(tiny_model):
 def test_auto_measures_on_held_out_rows_and_decides(tiny_model, monkeypatch, margin):
     """Over the threshold ``auto`` learns one token, ranks every coding and none by projected total, and
     keeps the best vector only when its saving clears the margin; either way the archive decodes."""
-    from llmpipe import compressor as module
+    from llmpipe.pipeline import steer as module
     from llmpipe.steering import select
 
     monkeypatch.setattr(module, "AUTO_MIN_BYTES", 4000)
@@ -197,7 +197,7 @@ def test_auto_reads_ahead_and_decides_on_the_input_size(tiny_model, monkeypatch,
     :data:`AUTO_MIN_BYTES` ahead before the header, trains only when the input reaches it (on the first
     window alone), and never trains below it. Reading ahead changes no byte: with no vector kept the archive
     is the ``none`` one, windows cut as when written window by window."""
-    from llmpipe import compressor as module
+    from llmpipe.pipeline import steer as module
     from llmpipe.steering import select
 
     monkeypatch.setattr(module, "AUTO_MIN_BYTES", 7000)
@@ -225,7 +225,7 @@ def test_auto_reads_ahead_and_decides_on_the_input_size(tiny_model, monkeypatch,
 
 def test_auto_does_not_train_for_windows_zstd_codes_better(tiny_model, monkeypatch):
     """Binary-like data goes to zstd blocks, where a vector would be paid for and never used."""
-    from llmpipe import compressor as module
+    from llmpipe.pipeline import steer as module
 
     monkeypatch.setattr(module, "AUTO_MIN_BYTES", 4000)
     data = bytes(range(256)) * 40
@@ -259,8 +259,8 @@ def test_cli_steer_and_listing(tiny_model_dir, tmp_path):
 
 
 def test_the_memory_plan_counts_the_prompts_positions(tiny_model):
-    from llmpipe.codec import ContextWindow
-    from llmpipe.compressor import coding_plan
+    from llmpipe.codec.context import ContextWindow
+    from llmpipe.pipeline.plan import coding_plan
 
     settings = {"numerics": "exact", "dtype": "float32", "load_in_8bit": False, "device": "cpu", "batch": 4}
     common = {"chunk_size": 4096, "context": ContextWindow(64, 16), "mixing": False, "limit": None}
@@ -270,7 +270,7 @@ def test_the_memory_plan_counts_the_prompts_positions(tiny_model):
 
 
 def test_listing_names_each_mode():
-    from llmpipe.listing import _steering
+    from llmpipe.cli.listing import _steering
 
     assert _steering(None) == "none"
     assert _steering({"mode": "text", "text": "Hi", "tokens": [5, 6]}) == "text 'Hi' (2 tokens)"

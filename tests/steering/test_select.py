@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmpipe.compressor import held_out_rows
 from llmpipe.models.transformer import Transformer
+from llmpipe.pipeline.steer import held_out_rows
 from llmpipe.steering.quantise import uniform
 from llmpipe.steering.select import AUTO_MARGIN, Estimate, choose, held_out_bits, rank
 from tests.tiny_model import DATA

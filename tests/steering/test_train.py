@@ -5,8 +5,8 @@ import math
 import numpy as np
 import torch
 
-from llmpipe.compressor import TRAIN_ROWS, TRAIN_TOKENS, sample_rows
 from llmpipe.models.transformer import Transformer
+from llmpipe.pipeline.steer import TRAIN_ROWS, TRAIN_TOKENS, sample_rows
 from llmpipe.steering.train import learn_vector
 from tests.tiny_model import DATA
 

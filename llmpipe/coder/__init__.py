@@ -1,1 +1,0 @@
-"""Entropy coding: integer frequency tables and the range coder that consumes them."""

@@ -1,0 +1,2 @@
+"""Whole streams: compression, decompression, block choice, steering, resume and the memory plan
+(ARCHITECTURE.md)."""

@@ -1,0 +1,253 @@
+"""Streaming decompression: read blocks, decode, verify, and only then write.
+
+Nothing reaches the sink before its block's CRC32 matched. LLM blocks come
+in groups: a group starts at a block flagged ``GROUP_START``, which says how
+many LLM blocks (rows) it has, so at most about ``2 x batch`` blocks are held
+per group. Float archives are decoded exactly in the encoder's groups; exact
+archives in batches of whole groups up to the decoder's own ``batch`` rows
+(their numbers do not depend on the batch), which keeps the model busy even
+for archives made with small batches. The model is loaded
+at the first LLM block, and its identity and numerics are checked against the
+header before any model work.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+import zstandard
+
+from llmpipe.defaults import ALL_THREADS, DEFAULT_BATCH, resolve_threads
+from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, ModelMismatchError
+from llmpipe.format.container import Block, BlockKind, ContainerReader, GroupTracker, crc32
+from llmpipe.format.index import read_archive_index
+from llmpipe.models.cache import LoadedModel
+from llmpipe.pipeline.archive_coders import ArchiveCoders
+from llmpipe.pipeline.stats import Stats
+from llmpipe.pipeline.stream_settings import (
+    Pending,
+    StreamSettings,
+    blocks_to_read,
+    header_field,
+    read_indexed_block,
+)
+
+
+class Decompressor:
+    """Decodes llmpipe archives; keeps the loaded model between streams."""
+
+    def __init__(
+        self,
+        model: str | LoadedModel | None = None,
+        *,
+        force: bool = False,
+        threads: int = ALL_THREADS,
+        batch: int = DEFAULT_BATCH,
+        device: str = "cpu",
+    ) -> None:
+        self._coders = ArchiveCoders(model, resolve_threads(threads), device, force)
+        self._batch = batch  # rows decoded together for exact archives (float ones keep the encoder's groups)
+
+    def decompress_stream(
+        self,
+        source: BinaryIO,
+        sink: BinaryIO,
+        name: str = "<stdin>",
+        *,
+        keep_going: bool = False,
+        progress: Callable[[Stats], None] | None = None,
+    ) -> Stats:
+        """Decode every stream in ``source`` (concatenated archives) front to back into ``sink``.
+
+        With ``keep_going`` a block that fails its checksum is left out and
+        decoding goes on; damage that loses the thread (a block header, the
+        index) ends decoding there, keeping what was written; a
+        :class:`DamagedArchiveError` at the end lists it all.
+        """
+        stats = Stats()
+        started = time.perf_counter()
+        try:
+            for data in self.iter_decompressed(source, name, stats, keep_going=keep_going):
+                sink.write(data)
+                stats.seconds = time.perf_counter() - started
+                if progress:
+                    progress(stats)
+        except ArchiveError as exc:
+            if not keep_going:
+                raise
+            stats.damaged.append(f"everything after the {stats.original_bytes} bytes written ({exc})")
+        stats.seconds = time.perf_counter() - started
+        _raise_if_damaged(stats)
+        return stats
+
+    def iter_decompressed(
+        self, source: BinaryIO, name: str = "<stdin>", stats: Stats | None = None, *, keep_going: bool = False
+    ) -> Iterator[bytes]:
+        """The verified contents of ``source``, block by block, reading it front to back once."""
+        stats = stats if stats is not None else Stats()
+        reader = ContainerReader(source, name)
+        first = True
+        base = 0  # original offset where the current stream starts
+        while (header := reader.read_stream_header(first)) is not None:
+            first = False
+            limits = StreamSettings.of(header, self._batch)
+            tracker = GroupTracker(limits.batch)
+            pending: list[Pending] = []  # blocks held until their group is complete (and merged)
+            while True:
+                try:
+                    block = reader.read_block(limits.max_size, limits.batch)
+                    if block is not None:
+                        tracker.add(block, reader.blocks)
+                except ArchiveError:
+                    if limits.merge_rows:  # exact blocks decode alone: keep every complete one
+                        yield from self._decode(pending, limits, stats, keep_going)
+                    raise
+                finally:
+                    stats.archive_bytes = reader.offset
+                if block is None:
+                    yield from self._decode(pending, limits, stats, keep_going)
+                    break
+                offset = base + reader.total - block.original_size
+                pending.append(Pending(reader.blocks, offset, block, (offset, offset + block.original_size)))
+                if not tracker.open and limits.flush_now(pending):
+                    yield from self._decode(pending, limits, stats, keep_going)
+                    pending = []
+            base += reader.total
+
+    def decompress_range(
+        self,
+        source: BinaryIO,
+        sink: BinaryIO,
+        name: str,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        keep_going: bool = False,
+        progress: Callable[[Stats], None] | None = None,
+    ) -> Stats:
+        """Decode bytes ``start:end`` of a seekable archive's content, reading only the blocks that cover them.
+
+        The index locates the blocks; float groups are decoded whole (their
+        numbers depend on the batch) but only the wanted bytes are written.
+        With ``keep_going`` a damaged block (header or contents) is left out.
+        """
+        stats = Stats()
+        started = time.perf_counter()
+        streams = read_archive_index(source, name)
+        end = sum(s.original_size for s in streams) if end is None else end
+        for stream in streams:
+            limits = StreamSettings.of(stream.header, self._batch)
+            needed = blocks_to_read(stream.blocks, start, end, float_groups=not limits.merge_rows)
+            pending: list[Pending] = []
+            for entry, wanted in needed:
+                if pending and limits.flush_before(entry, pending):
+                    self._write(self._decode(pending, limits, stats, keep_going), sink, stats, progress)
+                    pending = []
+                try:
+                    block = read_indexed_block(source, name, entry, limits)
+                except ArchiveError as exc:
+                    where = _where(entry.number, entry.original_offset, entry.original_size)
+                    if not keep_going:
+                        raise ArchiveError(f"{where}: {exc}") from None
+                    stats.damaged.append(where)
+                    continue
+                stats.archive_bytes += entry.stored_size
+                clip = (max(start, entry.original_offset), min(end, entry.original_offset + entry.original_size))
+                pending.append(Pending(entry.number, entry.original_offset, block, clip if wanted else None))
+            self._write(self._decode(pending, limits, stats, keep_going), sink, stats, progress)
+        stats.seconds = time.perf_counter() - started
+        _raise_if_damaged(stats)
+        return stats
+
+    def verified_prefix(self, source: BinaryIO, name: str, existing: BinaryIO) -> int:
+        """How many leading bytes of ``existing`` (an interrupted output) match whole blocks of the archive.
+
+        Reads the index and each covered block's header, and compares the
+        block checksums with the bytes already there; no model work.
+        """
+        have = existing.seek(0, io.SEEK_END)
+        prefix = 0
+        for stream in read_archive_index(source, name):
+            limits = StreamSettings.of(stream.header, self._batch)
+            for entry in stream.blocks:
+                if entry.original_offset + entry.original_size > have:
+                    return prefix
+                block = read_indexed_block(source, name, entry, limits)
+                existing.seek(entry.original_offset)
+                if crc32(existing.read(entry.original_size)) != block.checksum:
+                    return prefix
+                prefix = entry.original_offset + entry.original_size
+        return prefix
+
+    def _write(
+        self, pieces: Iterator[bytes], sink: BinaryIO, stats: Stats, progress: Callable[[Stats], None] | None
+    ) -> None:
+        for data in pieces:
+            sink.write(data)
+        if progress:
+            progress(stats)
+
+    def _decode(
+        self, pending: list[Pending], stream: StreamSettings, stats: Stats, keep_going: bool
+    ) -> Iterator[bytes]:
+        """Decode held blocks (LLM ones as one batch) and yield each wanted block's verified bytes in order."""
+        llm = [p for p in pending if p.block.kind == BlockKind.LLM]
+        decoded: dict[int, bytes] = {}
+        if llm:
+            coder = self._coders.coder_for(stream.header)
+            prime = header_field(stream.header, "prime_token", int)
+            if prime != coder.tokenizer.prime_token:
+                raise ModelMismatchError("archive uses a different prime token than this tokenizer")
+            payloads, counts = [p.block.payload for p in llm], [p.block.token_count for p in llm]
+            symbol_lists = coder.decode_group(payloads, counts, stream.context, stream.mixer_version)
+            for item, symbols in zip(llm, symbol_lists, strict=True):
+                try:
+                    decoded[item.number] = coder.tokenizer.decode(symbols)
+                except ValueError:
+                    decoded[item.number] = b""  # reported as a checksum mismatch below
+        for item in pending:
+            if item.clip is None:
+                continue  # decoded only because its float group had to be
+            block = item.block
+            if block.kind == BlockKind.LLM:
+                data = decoded[item.number]
+            elif block.kind == BlockKind.ZSTD:
+                data = _unzstd(block)
+            else:
+                data = block.payload
+            if len(data) != block.original_size or crc32(data) != block.checksum:
+                where = _where(item.number, item.offset, block.original_size)
+                if not keep_going:
+                    raise ChecksumError(f"{where}: checksum mismatch")
+                stats.damaged.append(where)
+                continue
+            stats.original_bytes += block.original_size
+            stats.blocks[block.kind.name.lower()] += 1
+            lo, hi = item.clip
+            yield data[lo - item.offset : hi - item.offset]
+
+    def decompress(self, data: bytes) -> bytes:
+        """Decompress a bytes object in memory."""
+        sink = io.BytesIO()
+        self.decompress_stream(io.BytesIO(data), sink)
+        return sink.getvalue()
+
+
+def _where(number: int, offset: int, size: int) -> str:
+    return f"block {number} (bytes {offset}-{offset + size - 1})"
+
+
+def _raise_if_damaged(stats: Stats) -> None:
+    if stats.damaged:
+        shown = ", ".join(stats.damaged[:5]) + (", ..." if len(stats.damaged) > 5 else "")
+        raise DamagedArchiveError(f"{len(stats.damaged)} damaged part(s) left out: {shown}")
+
+
+def _unzstd(block: Block) -> bytes:
+    try:
+        return zstandard.ZstdDecompressor().decompress(block.payload, max_output_size=block.original_size)
+    except zstandard.ZstdError:
+        return b""  # reported as a checksum mismatch by the caller
