@@ -180,7 +180,25 @@ static inline __attribute__((always_inline)) void product_tile(const product_job
     for (int64_t p0 = 0; p0 < pairs; p0 += block) {
         const int64_t p1 = p0 + block < pairs ? p0 + block : pairs;
         int32_t part[PRODUCT_ROWS][PRODUCT_COLS];
-#ifdef __AVX2__
+#ifdef VECTOR_512
+        /* a strip's pair p is one 512-bit row of 16 columns x 2: one multiply_add_pairs (vpdpwssd with
+         * VNNI) per row and pair, the same int32 sums as the two 256-bit halves below */
+        __m512i acc[PRODUCT_ROWS];
+        for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_si512();
+        for (int64_t p = p0; p < p1; p++) {
+            const __m512i b = _mm512_loadu_si512((const void *)(packed + p * 32));
+            for (int i = 0; i < mr; i++) {
+                int32_t pair;
+                memcpy(&pair, job->a + (row + i) * job->lda + 2 * p, sizeof pair);
+                acc[i] = multiply_add_pairs(acc[i], _mm512_set1_epi32(pair), b);
+            }
+        }
+        for (int i = 0; i < mr; i++) _mm512_storeu_si512((void *)part[i], acc[i]);
+        if (p0 == 0 && p1 == pairs) { /* one block: the int32 sums are the sums */
+            product_store32(job, row, mr, col, nr, part);
+            return;
+        }
+#elif defined(__AVX2__)
         __m256i acc[PRODUCT_ROWS][2];
         for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
         for (int64_t p = p0; p < p1; p++) {

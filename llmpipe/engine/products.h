@@ -7,11 +7,12 @@
  *
  * The spec (FORMAT.md, "Matmul") splits q = 256 hi + lo and rounds f32(f32(H) * 256 + f32(L)) with the
  * exact H = hi . w, L = lo . w. Here the exact D = q . w = 256 H + L comes from one int16 product per
- * weight (AVX2: vpmaddwd, 16 of them per instruction) instead of two int8 ones. Where |H| and |L| are
- * below 2^24, f32(H) and f32(L) are exact and the spec's float is f32(D), rounded once; that holds for a
- * row when 128 sum|hi| and 128 sum|lo| are below 2^24 (always for K <= 1,024, and for the rows of small
- * models all but always). Rows past that bound take H from a second product of their hi parts, and
- * L = D - 256 H: the spec's two roundings, exactly. LayerNorm rows need only D (FORMAT.md: f64(256 H + L)).
+ * weight (AVX2: vpmaddwd, 16 per instruction; AVX-512: 32, as vpdpwssd with VNNI) instead of two int8
+ * ones. Where |H| and |L| are below 2^24, f32(H) and f32(L) are exact and the spec's float is f32(D),
+ * rounded once; that holds for a row when 128 sum|hi| and 128 sum|lo| are below 2^24 (always for
+ * K <= 1,024, and for the rows of small models all but always). Rows past that bound take H from a
+ * second product of their hi parts, and L = D - 256 H: the spec's two roundings, exactly. LayerNorm rows
+ * need only D (FORMAT.md: f64(256 H + L)).
  * int32 sums of at most PRODUCT_DEPTH products (|a| <= 32767, |w| <= 128) stay below 2^31; longer
  * reductions add such sums in int64. Attention's long passes use the same tiles (attention_tiles). */
 #define PRODUCT_ROWS 6        /* a micro-tile: rows ... */
