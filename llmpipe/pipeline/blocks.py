@@ -90,7 +90,7 @@ class WindowCoder:
             if self.context.longest_context(len(symbols[i])) <= limit
             and len(c) >= MIN_BYTES_PER_SYMBOL * len(symbols[i])
         ]
-        plain_size = {i: min(len(self.smallest_zstd(chunks[i])), len(chunks[i])) for i in candidates}
+        plain_size = {i: min(len(self._smallest_zstd(chunks[i])), len(chunks[i])) for i in candidates}
         llm_blocks: dict[int, Block] = {}
         ideal: dict[int, float] = {}
         while candidates:
@@ -135,12 +135,12 @@ class WindowCoder:
 
     def plain_block(self, data: bytes) -> Block:
         """The smaller of a zstd and a raw block for ``data``."""
-        packed = self.smallest_zstd(data)
+        packed = self._smallest_zstd(data)
         if len(packed) < len(data):
             return Block(BlockKind.ZSTD, 0, len(data), packed, 0, crc32(data))
         return Block(BlockKind.RAW, 0, len(data), data, 0, crc32(data))
 
-    def smallest_zstd(self, data: bytes) -> bytes:
+    def _smallest_zstd(self, data: bytes) -> bytes:
         """The smaller of two zstd frames of ``data``: with its size declared, and streamed without it.
 
         libzstd tunes its parameters down when it knows the size is small,

@@ -149,9 +149,7 @@ class Compressor:
         """Before the header is written: learn the stream's prompt on ``sample`` and keep the best coding of
         it, or none (``steer.Steering.decide``); ``seen``: how many bytes of the input were read ahead (at
         least ``sample``). Returns what was learned and measured, if anything."""
-        choice = self._steering.decide(
-            sample, seen, lambda data: 8 * len(self.windows.smallest_zstd(data)), self.header_bits
-        )
+        choice = self._steering.decide(sample, seen, self.header_bits)
         if choice is not None:
             self.set_prompt(learned_prompt(choice.chosen.coded) if choice.chosen.coded else None)
         return choice

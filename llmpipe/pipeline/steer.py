@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import zstandard
 
 from llmpipe.models.cache import LoadedModel
 from llmpipe.models.transformer import Transformer
-from llmpipe.pipeline.blocks import utf8_safe_split
+from llmpipe.pipeline.blocks import ZSTD_LEVEL, utf8_safe_split
 from llmpipe.steering.prompt import SteeringPrompt, embedding_rms, learn_tokens, learned_prompt, parse_steer
 from llmpipe.steering.quantise import candidates
 from llmpipe.steering.select import Estimate, choose, held_out_bits, rank
@@ -88,6 +89,7 @@ class Steering:
         self._model = model
         self._budget = (epochs, seconds)
         self._log = log
+        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 
     @property
     def lookahead(self) -> int:
@@ -104,15 +106,13 @@ class Steering:
         self,
         sample: bytes,
         seen: int | None,
-        zstd_bits: Callable[[bytes], int],
         header_bits: Callable[[SteeringPrompt | None], int],
     ) -> SteeringChoice | None:
         """Learn a prompt on ``sample`` (``learn:N`` and ``auto``), code it every way ``steering.quantise``
         offers, and pick the coding with the smallest projected total (``auto``: or none,
         ``steering.select.choose``). ``seen``: how many bytes of the input were read ahead (at least
-        ``sample``); ``zstd_bits``: what zstd makes of bytes; ``header_bits``: what a prompt adds to the
-        stream header. Returns what was learned and measured, if anything (then ``chosen.coded`` is the
-        prompt to code with, or None for none)."""
+        ``sample``); ``header_bits``: what a prompt adds to the stream header. Returns what was learned and
+        measured, if anything (then ``chosen.coded`` is the prompt to code with, or None for none)."""
         if not self.learn or not sample:
             return None
         log = self._log or (lambda line: None)
@@ -128,7 +128,7 @@ class Steering:
         held_bytes = sum(len(tokenizer.spellings[x]) for row in held_out for x in row[1:])
         projection = len(sample) / max(1, held_bytes)
         plain_bits = held_out_bits(network, held_out, None)
-        if self.auto and plain_bits * projection >= (zstd := zstd_bits(sample)):
+        if self.auto and plain_bits * projection >= (zstd := 8 * len(self._zstd.compress(sample))):
             log(f"steering: auto: none (the model codes this window no better than zstd's {zstd} bits)")
             return None  # its rows would go to zstd blocks
         epochs, seconds = self._budget
