@@ -72,6 +72,11 @@ def code_positions(freq: torch.Tensor, symbols: torch.Tensor) -> tuple[list[int]
     if kernels is not None and freq.dtype == torch.float64:
         rows = len(symbols)
         return kernels.code_mixed(freq, [1.0] * rows, [{}] * rows, symbols.tolist())  # weight 1: the table itself
+    return code_positions_torch(freq, symbols)
+
+
+def code_positions_torch(freq: torch.Tensor, symbols: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """:func:`code_positions` in torch operations (any device)."""
     size = freq.gather(1, symbols[:, None])[:, 0]
     start = [int(row[:symbol].sum()) for row, symbol in zip(freq, symbols.tolist(), strict=True)]  # no (B, V) temporary
     total = freq.sum(dim=1)
@@ -119,7 +124,4 @@ def kernels_agree(kernels: CodingKernels) -> bool:
     reference = frequency_tables_torch(logits, 7)
     symbols = torch.randint(0, 340, (6,), generator=generator)
     coded = kernels.code_mixed(reference, [1.0] * 6, [{}] * 6, symbols.tolist())
-    size = reference.gather(1, symbols[:, None])[:, 0].to(torch.int64).tolist()
-    start = [int(row[:symbol].sum()) for row, symbol in zip(reference, symbols.tolist(), strict=True)]
-    totals = reference.sum(dim=1).to(torch.int64).tolist()
-    return torch.equal(tables, reference) and coded == (start, size, totals)
+    return torch.equal(tables, reference) and coded == code_positions_torch(reference, symbols)
