@@ -168,10 +168,62 @@ static void product_store32(const product_job *job, int64_t row, int mr, int64_t
 }
 #endif
 
+#ifdef VECTOR_512
+/* Micro-tile of `count` (1 or 2, a constant where inlined) strips: rows row.. row + mr against the strip
+ * packed at `first` (columns col.. col + nr) and, for 2, the one at `second` (the next 16; then nr = 16).
+ * A strip's pair p is one 512-bit row of 16 columns x 2, summed with one multiply_add_pairs (vpdpwssd with
+ * VNNI) per row and pair; with two strips each row's pair is broadcast once for both, half the loads per
+ * multiply-add. The sums are the 256-bit path's: int32 over blocks of PRODUCT_DEPTH, int64 across them,
+ * stored strip by strip. */
+static inline __attribute__((always_inline)) void product_tile_strips(const product_job *job, int64_t row,
+                                                                     const int mr, const int16_t *first,
+                                                                     const int16_t *second, int64_t col, int nr,
+                                                                     const int count) {
+    const int16_t *packed[2] = {first, second};
+    const int width[2] = {nr, PRODUCT_COLS};
+    const int64_t pairs = (job->depth + 1) / 2;
+    int64_t sums[2][PRODUCT_ROWS][PRODUCT_COLS];
+    for (int h = 0; h < count; h++)
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < PRODUCT_COLS; j++) sums[h][i][j] = 0;
+    const int64_t block = (job->block + 1) / 2;
+    for (int64_t p0 = 0; p0 < pairs; p0 += block) {
+        const int64_t p1 = p0 + block < pairs ? p0 + block : pairs;
+        int32_t part[2][PRODUCT_ROWS][PRODUCT_COLS];
+        __m512i acc[2][PRODUCT_ROWS];
+        for (int h = 0; h < count; h++)
+            for (int i = 0; i < mr; i++) acc[h][i] = _mm512_setzero_si512();
+        for (int64_t p = p0; p < p1; p++) {
+            __m512i b[2];
+            for (int h = 0; h < count; h++) b[h] = _mm512_loadu_si512((const void *)(packed[h] + p * 32));
+            for (int i = 0; i < mr; i++) {
+                int32_t pair;
+                memcpy(&pair, job->a + (row + i) * job->lda + 2 * p, sizeof pair);
+                const __m512i x = _mm512_set1_epi32(pair);
+                for (int h = 0; h < count; h++) acc[h][i] = multiply_add_pairs(acc[h][i], x, b[h]);
+            }
+        }
+        for (int h = 0; h < count; h++)
+            for (int i = 0; i < mr; i++) _mm512_storeu_si512((void *)part[h][i], acc[h][i]);
+        if (p0 == 0 && p1 == pairs) { /* one block: the int32 sums are the sums */
+            for (int h = 0; h < count; h++) product_store32(job, row, mr, col + h * PRODUCT_COLS, width[h], part[h]);
+            return;
+        }
+        for (int h = 0; h < count; h++)
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < PRODUCT_COLS; j++) sums[h][i][j] += part[h][i][j];
+    }
+    for (int h = 0; h < count; h++) product_store(job, row, mr, col + h * PRODUCT_COLS, width[h], sums[h]);
+}
+#endif
+
 /* Micro-tile (row.. row + mr, col.. col + nr): the exact sums a[row + i] . w[:, col + j] from the packed
  * strip, in int32 over blocks of PRODUCT_DEPTH and int64 across them, then stored. */
 static inline __attribute__((always_inline)) void product_tile(const product_job *job, int64_t row, const int mr,
                                                               const int16_t *packed, int64_t col, int nr) {
+#ifdef VECTOR_512
+    product_tile_strips(job, row, mr, packed, packed, col, nr, 1);
+#else
     const int64_t pairs = (job->depth + 1) / 2;
     int64_t sums[PRODUCT_ROWS][PRODUCT_COLS];
     for (int i = 0; i < mr; i++)
@@ -180,25 +232,7 @@ static inline __attribute__((always_inline)) void product_tile(const product_job
     for (int64_t p0 = 0; p0 < pairs; p0 += block) {
         const int64_t p1 = p0 + block < pairs ? p0 + block : pairs;
         int32_t part[PRODUCT_ROWS][PRODUCT_COLS];
-#ifdef VECTOR_512
-        /* a strip's pair p is one 512-bit row of 16 columns x 2: one multiply_add_pairs (vpdpwssd with
-         * VNNI) per row and pair, the same int32 sums as the two 256-bit halves below */
-        __m512i acc[PRODUCT_ROWS];
-        for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_si512();
-        for (int64_t p = p0; p < p1; p++) {
-            const __m512i b = _mm512_loadu_si512((const void *)(packed + p * 32));
-            for (int i = 0; i < mr; i++) {
-                int32_t pair;
-                memcpy(&pair, job->a + (row + i) * job->lda + 2 * p, sizeof pair);
-                acc[i] = multiply_add_pairs(acc[i], _mm512_set1_epi32(pair), b);
-            }
-        }
-        for (int i = 0; i < mr; i++) _mm512_storeu_si512((void *)part[i], acc[i]);
-        if (p0 == 0 && p1 == pairs) { /* one block: the int32 sums are the sums */
-            product_store32(job, row, mr, col, nr, part);
-            return;
-        }
-#elif defined(__AVX2__)
+#ifdef __AVX2__
         __m256i acc[PRODUCT_ROWS][2];
         for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
         for (int64_t p = p0; p < p1; p++) {
@@ -238,6 +272,7 @@ static inline __attribute__((always_inline)) void product_tile(const product_job
             for (int j = 0; j < PRODUCT_COLS; j++) sums[i][j] += part[i][j];
     }
     product_store(job, row, mr, col, nr, sums);
+#endif
 }
 
 #define PRODUCT_TILE_CASE(n)                             \
@@ -246,52 +281,9 @@ static inline __attribute__((always_inline)) void product_tile(const product_job
         break;
 
 #ifdef VECTOR_512
-/* Two full strips (32 columns from `col`, packed at `first` and `second`) at once: each row's pair is
- * broadcast once for both, half the loads per multiply-add of product_tile's; the same int32 and int64
- * sums as two product_tile calls, stored strip by strip. */
-static inline __attribute__((always_inline)) void product_tile_pair(const product_job *job, int64_t row, const int mr,
-                                                                   const int16_t *first, const int16_t *second,
-                                                                   int64_t col) {
-    const int64_t pairs = (job->depth + 1) / 2;
-    int64_t sums[2][PRODUCT_ROWS][PRODUCT_COLS];
-    for (int h = 0; h < 2; h++)
-        for (int i = 0; i < mr; i++)
-            for (int j = 0; j < PRODUCT_COLS; j++) sums[h][i][j] = 0;
-    const int64_t block = (job->block + 1) / 2;
-    for (int64_t p0 = 0; p0 < pairs; p0 += block) {
-        const int64_t p1 = p0 + block < pairs ? p0 + block : pairs;
-        int32_t part[2][PRODUCT_ROWS][PRODUCT_COLS];
-        __m512i acc[2][PRODUCT_ROWS];
-        for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm512_setzero_si512();
-        for (int64_t p = p0; p < p1; p++) {
-            const __m512i b0 = _mm512_loadu_si512((const void *)(first + p * 32));
-            const __m512i b1 = _mm512_loadu_si512((const void *)(second + p * 32));
-            for (int i = 0; i < mr; i++) {
-                int32_t pair;
-                memcpy(&pair, job->a + (row + i) * job->lda + 2 * p, sizeof pair);
-                const __m512i x = _mm512_set1_epi32(pair);
-                acc[0][i] = multiply_add_pairs(acc[0][i], x, b0);
-                acc[1][i] = multiply_add_pairs(acc[1][i], x, b1);
-            }
-        }
-        for (int h = 0; h < 2; h++)
-            for (int i = 0; i < mr; i++) _mm512_storeu_si512((void *)part[h][i], acc[h][i]);
-        if (p0 == 0 && p1 == pairs) { /* one block: the int32 sums are the sums */
-            product_store32(job, row, mr, col, PRODUCT_COLS, part[0]);
-            product_store32(job, row, mr, col + PRODUCT_COLS, PRODUCT_COLS, part[1]);
-            return;
-        }
-        for (int h = 0; h < 2; h++)
-            for (int i = 0; i < mr; i++)
-                for (int j = 0; j < PRODUCT_COLS; j++) sums[h][i][j] += part[h][i][j];
-    }
-    product_store(job, row, mr, col, PRODUCT_COLS, sums[0]);
-    product_store(job, row, mr, col + PRODUCT_COLS, PRODUCT_COLS, sums[1]);
-}
-
-#define PRODUCT_PAIR_CASE(n)                                                    \
-    case n:                                                                     \
-        product_tile_pair(job, row, n, strip, strip + strip_size, col);         \
+#define PRODUCT_PAIR_CASE(n)                                                          \
+    case n:                                                                           \
+        product_tile_strips(job, row, n, strip, strip + strip_size, col, PRODUCT_COLS, 2); \
         break;
 #endif
 
