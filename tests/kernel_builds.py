@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 from llmpipe.codec import frequencies
 from llmpipe.engine import integer_ops
@@ -32,7 +33,24 @@ def torch_only() -> Iterator[None]:
         yield
 
 
-def build(name: str, checked, compiled: Callable[..., object]):
+def kernel_fixtures(kernels_for: Callable, compiled: Callable[..., object]) -> tuple:
+    """An owner's two module fixtures: ``kernels``, what ``kernels_for`` gives the CPU here (its checked
+    kernels), and ``built``, each build of them this machine can run (every kernel test runs on all)."""
+
+    @pytest.fixture(scope="module")
+    def kernels():
+        found = kernels_for(torch.device("cpu"))
+        assert found is not None, "a C compiler is here, yet the kernels were not built or failed their check"
+        return found
+
+    @pytest.fixture(scope="module", params=list(BUILDS))
+    def built(request, kernels):
+        return _build(request.param, kernels, compiled)
+
+    return kernels, built
+
+
+def _build(name: str, checked, compiled: Callable[..., object]):
     """The ``name`` build (a key of :data:`BUILDS`) of an owner's kernels: ``checked`` (what the engine or
     codec uses here) for the native one, else ``compiled`` with that build's flags."""
     if name == "native":

@@ -1,7 +1,6 @@
 """The codec's compiled kernels (``llmpipe/codec/kernels.c``): the torch path's bits for each one (tables
 from logits, the mixed tables' search and coding, the adaptive bias's runs), on every build this CPU runs."""
 
-import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -17,24 +16,11 @@ from llmpipe.codec.frequencies import (
     frequency_tables_torch,
     kernels_for,
 )
-from llmpipe.codec.kernels import CodingKernels
 from llmpipe.codec.mixer import Prediction, mix_tables
 from llmpipe.tokenization import ESCAPE_SYMBOLS
-from tests.kernel_builds import BUILDS, build, needs_compiler, torch_only
+from tests.kernel_builds import kernel_fixtures, needs_compiler, torch_only
 
-
-@pytest.fixture(scope="module")
-def kernels() -> CodingKernels:
-    """The kernels the codec uses here."""
-    found = kernels_for(torch.device("cpu"))
-    assert found is not None, "a C compiler is here, yet the kernels were not built or failed their check"
-    return found
-
-
-@pytest.fixture(scope="module", params=list(BUILDS))
-def built(request, kernels) -> CodingKernels:
-    """Each build of the kernels this machine can run: every kernel test runs on all of them."""
-    return build(request.param, kernels, codec_kernels.compiled)
+kernels, built = kernel_fixtures(kernels_for, codec_kernels.compiled)
 
 
 @needs_compiler

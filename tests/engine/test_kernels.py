@@ -13,25 +13,12 @@ from llmpipe.engine import kernels as engine_kernels
 from llmpipe.engine.exact_transformer import ExactKVCache, ExactTransformer, _rms_norm_quantize
 from llmpipe.engine.exact_weights import ExactWeight, prepare_exact_weights
 from llmpipe.engine.integer_ops import ACT_MAX, kernels_for, quantize_rows_torch, split_bytes
-from llmpipe.engine.kernels import NetworkKernels
 from llmpipe.numerics import tables
 from llmpipe.numerics.tables import lookup
 from tests.conftest import ARCHITECTURES
-from tests.kernel_builds import BUILDS, build, needs_compiler, torch_only
+from tests.kernel_builds import kernel_fixtures, needs_compiler, torch_only
 
-
-@pytest.fixture(scope="module")
-def kernels() -> NetworkKernels:
-    """The kernels the engine uses here."""
-    found = kernels_for(torch.device("cpu"))
-    assert found is not None, "a C compiler is here, yet the kernels were not built or failed their check"
-    return found
-
-
-@pytest.fixture(scope="module", params=list(BUILDS))
-def built(request, kernels) -> NetworkKernels:
-    """Each build of the kernels this machine can run: every kernel test runs on all of them."""
-    return build(request.param, kernels, engine_kernels.compiled)
+kernels, built = kernel_fixtures(kernels_for, engine_kernels.compiled)
 
 
 @pytest.fixture(scope="module")
