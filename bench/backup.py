@@ -13,7 +13,7 @@ from pathlib import Path
 
 import zstandard
 
-from bench.common import CORPUS, ROOT, save
+from bench.common import CORPUS, ROOT, corpus_slices, save
 from llmpipe.cli.listing import describe
 from llmpipe.models import cache
 from llmpipe.pipeline.compress import Compressor
@@ -36,12 +36,7 @@ def backup(args: argparse.Namespace) -> None:
     compressor = Compressor(model, threads=args.threads)
     decompressor = Decompressor(model, threads=args.threads)
     rows = []
-    for relative in BINARY_FILES:
-        path = CORPUS / relative
-        if not path.exists():
-            print(f"skip {relative}: ../shared/corpus not available")
-            continue
-        data = path.read_bytes()[: args.bytes]
+    for relative, data in corpus_slices(BINARY_FILES, args.bytes):
         archive = compressor.compress(data)
         if decompressor.decompress(archive) != data:
             raise SystemExit("round trip FAILED")

@@ -13,16 +13,13 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import brotli
 
 from llmpipe.pipeline.compress import Compressor
 from llmpipe.pipeline.decompress import Decompressor
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +67,17 @@ def machine() -> dict:
         "python": platform.python_version(),
         "features": features,
     }
+
+
+def corpus_slices(names: list[str], size: int, corpus: Path = CORPUS) -> Iterator[tuple[str, bytes]]:
+    """Each named corpus file (relative to ``corpus``) and its first ``size`` bytes; a missing file (no
+    ../shared/corpus) is skipped, saying so."""
+    for relative in names:
+        path = corpus / relative
+        if not path.exists():
+            print(f"skip {relative}: ../shared/corpus not available")
+            continue
+        yield relative, path.read_bytes()[:size]
 
 
 def baseline_bpb(data: bytes) -> dict[str, float]:
@@ -121,12 +129,7 @@ def compare_settings(args: argparse.Namespace, files: list[str], settings: dict[
     """Each corpus slice compressed with each named setting (``settings[label](data)`` makes the compressor):
     bits per byte, LLM payload bits per byte and compression speed (compression only)."""
     rows = []
-    for relative in args.files or files:
-        path = CORPUS / relative
-        if not path.exists():
-            print(f"skip {relative}: ../shared/corpus not available")
-            continue
-        data = path.read_bytes()[: args.bytes]
+    for relative, data in corpus_slices(args.files or files, args.bytes):
         row: dict = {"file": relative, "bytes": len(data)}
         for label, make_compressor in settings.items():
             sink = io.BytesIO()

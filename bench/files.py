@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.common import CORPUS, DEFAULT_FILES, baseline_bpb, measure, save
+from bench.common import CORPUS, DEFAULT_FILES, baseline_bpb, corpus_slices, measure, save
 from llmpipe.models import cache
 from llmpipe.pipeline.compress import Compressor
 from llmpipe.pipeline.decompress import Decompressor
@@ -24,12 +24,7 @@ def run(args: argparse.Namespace) -> None:
     )
     decompressor = None if args.compress_only else Decompressor(model, threads=args.threads)
     rows = []
-    for relative in args.files or DEFAULT_FILES:
-        path = CORPUS / relative
-        if not path.exists():
-            print(f"skip {relative}: ../shared/corpus not available")
-            continue
-        data = path.read_bytes()[: args.bytes]
+    for relative, data in corpus_slices(args.files or DEFAULT_FILES, args.bytes):
         row = {"file": relative, **measure(compressor, decompressor, data), "baselines": baseline_bpb(data)}
         print(json.dumps(row), flush=True)
         rows.append(row)

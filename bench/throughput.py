@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from bench.common import corpus_slices
 from llmpipe.codec import mixer
 from llmpipe.codec.kernels import CodingKernels
 from llmpipe.codec.range_coder import RangeDecoder, RangeEncoder
@@ -182,13 +183,9 @@ def run(args: argparse.Namespace, corpus, results, save: Callable[[str, dict], N
     command = shlex.join(["python", "bench/bench.py", *sys.argv[1:]])
     for threads in args.thread_counts:
         kernel, rate = roofline_rate(threads)
-        for relative in args.files:
-            path = corpus / relative
-            if not path.exists():
-                print(f"skip {relative}: ../shared/corpus not available")
-                continue
+        for relative, data in corpus_slices(args.files, args.bytes, corpus):
             row = {"file": relative, "threads": threads, "roofline": {"kernel": kernel, "mac_s": rate}}
-            row.update(measure(model, path.read_bytes()[: args.bytes], threads))
+            row.update(measure(model, data, threads))
             row.update(command=command, date=datetime.date.today().isoformat())
             print(json.dumps(row), flush=True)
             key = (row["file"], row["threads"], row["bytes"])
