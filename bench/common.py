@@ -105,8 +105,8 @@ def measure(compressor: Compressor, decompressor: Decompressor | None, data: byt
         "ideal_bpb": (stats.ideal_bits + 8 * (len(data) - stats.llm_input_bytes)) / len(data)
         if stats.llm_input_bytes
         else None,
-        "llm_blocks": stats.blocks["llm"],
-        "other_blocks": stats.blocks["zstd"] + stats.blocks["raw"],
+        "llm_rows": stats.rows["llm"],
+        "other_rows": stats.rows["zstd"] + stats.rows["raw"],
         "coder_overhead": stats.coder_overhead,
         "symbols": stats.llm_symbols,
         "compress_kb_s": len(data) / 1024 / stats.seconds,

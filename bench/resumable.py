@@ -13,7 +13,8 @@ from pathlib import Path
 from bench.common import CORPUS, ROOT, baseline_bpb, save
 from llmpipe.cli.listing import describe
 from llmpipe.errors import ArchiveError
-from llmpipe.format.container import MAX_ROWS, MAX_WINDOW, ContainerReader
+from llmpipe.format.container import ContainerReader
+from llmpipe.format.fields import MAX_ROWS, MAX_WINDOW
 
 WORK = ROOT / "bench" / "out"  # partial archives of resumable runs (not committed)
 

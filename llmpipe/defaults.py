@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llmpipe.errors import UsageError
 
-VERSION = "0.5.0"  # llmpipe's release (pyproject.toml's version), written into every stream header
+VERSION = "0.6.0"  # llmpipe's release (pyproject.toml's version), written into every stream header
 
 DEFAULT_CHUNK_SIZE = 32768
 DEFAULT_BATCH = 64

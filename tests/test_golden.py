@@ -15,9 +15,10 @@ ABOUT = (
 
 
 def test_golden_archive(tiny_model):
+    """Format version 3; the version 2 archive of the same settings still decodes, and has the same rows."""
     compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1)
-    about = ABOUT + ", mixer ngram-match v2"
-    check_golden("tiny_model_mixer_v2", compressor, Decompressor(tiny_model), SOURCE, about)
+    about = ABOUT + ", mixer ngram-match v2, format version 3"
+    check_golden("tiny_model_v3", compressor, Decompressor(tiny_model), SOURCE, about, "tiny_model_mixer_v2")
 
 
 def test_golden_archive_of_mixer_v1_still_decodes(tiny_model):
@@ -28,11 +29,13 @@ def test_golden_archive_of_mixer_v1_still_decodes(tiny_model):
 def test_golden_archive_without_mixer(tiny_model):
     """Archives from before the mixer (no ``mixer`` header field) still decode, and --mixer none makes them."""
     compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1, mixing=False)
-    check_golden("tiny_model_no_mixer", compressor, Decompressor(tiny_model), SOURCE, ABOUT)
+    about = ABOUT + ", format version 3"
+    check_golden("tiny_model_v3_no_mixer", compressor, Decompressor(tiny_model), SOURCE, about, "tiny_model_no_mixer")
 
 
 def test_golden_archive_with_steering(tiny_model):
     """A random steering prompt (vectors from SHA-256, FORMAT.md section 5) changes no bit over time."""
     compressor = Compressor(tiny_model, chunk_size=256, batch=4, threads=1, steer="random:4:9")
-    about = ABOUT + ", mixer ngram-match v2, --steer random:4:9"
-    check_golden("tiny_model_steer_random", compressor, Decompressor(tiny_model), SOURCE, about)
+    about = ABOUT + ", mixer ngram-match v2, --steer random:4:9, format version 3"
+    name, earlier = "tiny_model_v3_steer_random", "tiny_model_steer_random"
+    check_golden(name, compressor, Decompressor(tiny_model), SOURCE, about, earlier)

@@ -149,14 +149,15 @@ class _NullSink:
 
 def _check_archive_file(path: str) -> None:
     """Re-read a written archive's structure (every header, CRC and the index) before the source goes."""
-    from llmpipe.format.container import MAX_WINDOW, ContainerReader
+    from llmpipe.format.container import ContainerReader
+    from llmpipe.format.fields import MAX_ROWS, MAX_WINDOW
 
     with open(path, "rb") as archive:
         reader = ContainerReader(archive, path)
         first = True
         while reader.read_stream_header(first) is not None:
             first = False
-            while reader.read_block(MAX_WINDOW, 4096) is not None:
+            while reader.read_block(MAX_WINDOW, MAX_ROWS) is not None:
                 pass
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 from typing import BinaryIO
 
-from llmpipe.format.container import BlockKind
-from llmpipe.format.index import StreamIndex, read_archive_index
+from llmpipe.format.block import RowKind
+from llmpipe.format.container import RowEntry
+from llmpipe.format.header import stream_header_bytes
+from llmpipe.format.index import StreamIndex, block_rows, read_archive_index
 
 
 def describe(source: BinaryIO, name: str, blocks: bool = False) -> dict:
     """A JSON-ready summary of a seekable archive; with ``blocks`` also every block's entry."""
     streams = read_archive_index(source, name)
-    described = [_stream(s, blocks) for s in streams]
+    described = [_stream(s, block_rows(source, name, s), blocks) for s in streams]
     original = sum(s.original_size for s in streams)
     stored = sum(s.stored_size for s in streams)
     return {
@@ -29,34 +31,37 @@ def describe(source: BinaryIO, name: str, blocks: bool = False) -> dict:
     }
 
 
-def _stream(stream: StreamIndex, blocks: bool) -> dict:
+def _stream(stream: StreamIndex, rows: list[list[RowEntry]], blocks: bool) -> dict:
     header = stream.header
     model = header.get("model") if isinstance(header.get("model"), dict) else {}
-    counts = {k.name.lower(): 0 for k in BlockKind if k}
+    counts = {k.name.lower(): 0 for k in RowKind}
     llm_in = llm_out = tokens = 0
-    for b in stream.blocks:
-        counts[b.kind.name.lower()] += 1
-        if b.kind == BlockKind.LLM:
-            llm_in += b.original_size
-            llm_out += b.stored_size
-            tokens += b.token_count
+    for entry, block in zip(stream.blocks, rows, strict=True):
+        for row in block:
+            counts[row.kind.name.lower()] += 1
+            tokens += row.token_count
+        if all(row.kind == RowKind.LLM for row in block):  # LLM bits per byte over the blocks that are all LLM
+            llm_in += entry.original_size
+            llm_out += sum(row.payload_size for row in block)
+    steering = header.get("steering")
     info = {
         "offset": stream.start,
+        "format_version": stream.version,
         "model": model.get("name"),
-        "weights_sha256": model.get("weights_sha256"),
+        "model_id": model.get("id") or model.get("weights_sha256"),
         "numerics": header.get("numerics"),
         "chunk_size": header.get("chunk_size"),
         "batch": header.get("batch"),
         "context": header.get("context"),
         "mixer": header.get("mixer"),
-        "steering": header.get("steering"),
-        # what the record adds to the header before zstd (an upper bound of its cost)
-        "steering_bytes": len(json.dumps(header["steering"])) if header.get("steering") else 0,
+        "steering": steering,
+        "steering_bytes": _steering_bytes(header, stream.version),
         "header_bytes": stream.header_size,
         "index_bytes": stream.index_size,
         "original_bytes": stream.original_size,
         "compressed_bytes": stream.stored_size,
-        "blocks": counts,
+        "blocks": len(stream.blocks),
+        "rows": counts,
         "llm_tokens": tokens,
         "llm_bits_per_byte": 8 * llm_out / llm_in if llm_in else None,
         "writer": header.get("llmpipe"),
@@ -64,15 +69,15 @@ def _stream(stream: StreamIndex, blocks: bool) -> dict:
     if blocks:
         info["block_list"] = [
             {
-                "number": b.number,
-                "kind": b.kind.name.lower(),
-                "offset": b.offset,
-                "compressed_bytes": b.stored_size,
-                "original_offset": b.original_offset,
-                "original_bytes": b.original_size,
-                "tokens": b.token_count,
+                "number": entry.number,
+                "rows": " ".join(f"{row.kind.name.lower()}" for row in block),
+                "offset": entry.offset,
+                "compressed_bytes": entry.stored_size,
+                "original_offset": entry.original_offset,
+                "original_bytes": entry.original_size,
+                "tokens": sum(row.token_count for row in block),
             }
-            for b in stream.blocks
+            for entry, block in zip(stream.blocks, rows, strict=True)
         ]
     return info
 
@@ -83,7 +88,7 @@ def format_table(infos: list[dict], verbose: bool = False) -> str:
     lines = [" ".join(f"{title:>{width}}" for title, width in columns) + "  Model  File"]
     for info in infos:
         streams = info["streams"]
-        blocks = sum(sum(s["blocks"].values()) for s in streams)
+        blocks = sum(s["blocks"] for s in streams)
         models = ",".join(sorted({str(s["model"]) for s in streams}))
         lines.append(
             f"{len(streams):>7} {blocks:>7} {info['compressed_bytes']:>12} {info['original_bytes']:>12} "
@@ -122,7 +127,7 @@ def _details(streams: list[dict]) -> list[str]:
         context = s["context"] if isinstance(s["context"], dict) else {}
         mixer = s["mixer"] if isinstance(s["mixer"], dict) else {}
         lines.append(
-            f"  stream {k}: model {s['model']} (weights {str(s['weights_sha256'])[:12]}...), "
+            f"  stream {k} (format {s['format_version']}): model {s['model']} (id {str(s['model_id'])[:12]}...), "
             f"numerics {numerics.get('engine')} v{numerics.get('version', '-')}, chunk {s['chunk_size']}, "
             f"batch {s['batch']}, context {context.get('window')}/{context.get('overlap')}, "
             f"mixer {mixer.get('name', 'none')}, steering {_steering(s['steering'])} ({s['steering_bytes']} bytes), "
@@ -130,7 +135,22 @@ def _details(streams: list[dict]) -> list[str]:
         )
         for b in s.get("block_list", []):
             lines.append(
-                f"    block {b['number']:>6} {b['kind']:>4} {b['compressed_bytes']:>9} <- {b['original_bytes']:>9} "
-                f"bytes at {b['original_offset']}"
+                f"    block {b['number']:>6} {b['compressed_bytes']:>9} <- {b['original_bytes']:>9} bytes at "
+                f"{b['original_offset']}, {b['tokens']} tokens, rows: {_row_kinds(b['rows'])}"
             )
     return lines
+
+
+def _steering_bytes(header: dict, version: int) -> int:
+    """What the steering record adds to the header (version 2: its JSON before zstd, an upper bound)."""
+    if not header.get("steering"):
+        return 0
+    if version == 2:
+        return len(json.dumps(header["steering"]))
+    return len(stream_header_bytes(header)) - len(stream_header_bytes({**header, "steering": None}))
+
+
+def _row_kinds(rows: str) -> str:
+    """``llm llm zstd llm`` as ``3 llm, 1 zstd``."""
+    kinds = rows.split()
+    return ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))

@@ -163,7 +163,7 @@ def _report(args: argparse.Namespace, name: str, stats) -> object:
         kb_s = stats.original_bytes / 1024 / stats.seconds if stats.seconds else 0.0
         print(
             f"{name}: {stats.original_bytes} <-> {stats.archive_bytes} bytes, {stats.bits_per_byte:.3f} bits/byte, "
-            f"{kb_s:.2f} KB/s, blocks {stats.blocks}",
+            f"{kb_s:.2f} KB/s, {stats.blocks} blocks of rows {stats.rows}",
             file=sys.stderr,
         )
     return stats

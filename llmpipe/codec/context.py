@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmpipe.format.container import MAX_CONTEXT
+from llmpipe.format.fields import MAX_CONTEXT
 
 
 @dataclass(frozen=True)

@@ -1,164 +1,69 @@
-"""Reading and writing the llmpipe container, version 2. ``FORMAT.md`` is the spec.
+"""Reading and writing the llmpipe container. ``FORMAT.md`` is the spec.
 
-A stream is ``stream header | block* | index | footer``. The index lists
-every block's stored size, original size and token count; the fixed-size
-footer at the very end points back to it, so a seekable file can be listed,
-sliced (``--range``) and resumed without reading its blocks, while a pipe
-decodes front to back and checks the index against the blocks it saw.
+A stream is ``stream header | block* | index | footer``. Version 3 (written
+now) has a binary header (``header``), one block per window holding that
+window's rows (``block``), an index of each block's stored and original size,
+and a 12-byte footer that points back to it, so a seekable file can be
+listed, sliced (``--range``) and resumed without reading its blocks, while a
+pipe decodes front to back and checks the index against the blocks it saw.
+Version 2 streams (JSON header, one block per row) are still read.
 Every length read from the input is checked against a limit before it is
 used, so a damaged or hostile archive costs neither memory nor model time.
-Concatenated streams form a valid archive.
+Concatenated streams form a valid archive, whatever their versions.
 """
 
 from __future__ import annotations
 
-import json
 import struct
-import zlib
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import BinaryIO
 
-import zstandard
-
 from llmpipe.errors import ArchiveError, TruncatedArchiveError
+from llmpipe.format.block import BLOCK_MARKER, Block, Row, RowKind
+from llmpipe.format.fields import MAX_HEADER_BYTES, VARINT_MAX_BYTES, crc32, encode_varint, unzigzag
+from llmpipe.format.header import (
+    MAGIC,
+    READABLE_VERSIONS,
+    VERSION,
+    decode_json_header,
+    decode_record,
+    stream_header_bytes,
+)
 
-MAGIC = b"\xfaLLMP\x00"  # 0xFA is never valid UTF-8
-FOOTER_MAGIC = b"PMLL"  # the stream magic's letters backwards, as the last bytes of every stream
-VERSION = 2
-MAX_HEADER_BYTES = 16 << 20  # compressed and decompressed header size limit
-MAX_CHUNK_SIZE = 16 << 20  # largest chunk size a header may declare
-MAX_WINDOW = 256 << 20  # largest window (batch x chunk size), and so the largest block
-MAX_ROWS = 4096  # largest lockstep group
-MAX_CONTEXT = 1 << 20  # largest context window a header may declare (tokens)
-MAX_INDEX_BYTES = 1 << 30  # largest index a reader loads (about 100 million blocks)
-FOOTER_SIZE = 16
-_VARINT_MAX_BYTES = 9
-STREAM_HEADER_FIXED = len(MAGIC) + 2 + 8
-
-
-class BlockKind(IntEnum):
-    INDEX = 0  # not a block: the index that ends a stream
-    RAW = 1
-    ZSTD = 2
-    LLM = 3
+INDEX_MARKER = 0
+FOOTER_MAGIC = {2: b"PMLL", 3: b"PML3"}  # the last bytes of every stream, by format version
+FOOTER_SIZE = {2: 16, 3: 12}
+V2_FLAG_GROUP_START = 0x01  # version 2: an LLM block that starts a lockstep group
 
 
-FLAG_GROUP_START = 0x01  # LLM block that starts a lockstep group
-
-
-def crc32(data: bytes) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
-
-
-def encode_varint(value: int) -> bytes:
-    """Unsigned LEB128 of a value below 2^63 (at most 9 bytes)."""
-    if not 0 <= value < 1 << 63:
-        raise ValueError("varint out of range")
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def decode_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
-    """The varint at ``data[pos:]`` and the position after it (for records already in memory)."""
-    value = 0
-    for i in range(_VARINT_MAX_BYTES):
-        if pos >= len(data):
-            raise ArchiveError(f"corrupt {what}: ends inside a number")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            if byte == 0 and i > 0:
-                raise ArchiveError(f"corrupt {what}: overlong number")
-            return value, pos
-    raise ArchiveError(f"corrupt {what}: number too long")
+def index_and_footer_bytes(header_size: int, entries: bytes) -> bytes:
+    """Version 3: ``0 | S | entries`` then the footer ``u32 I | CRC32 of index and I | "PML3"``."""
+    index = bytes([INDEX_MARKER]) + encode_varint(header_size) + entries
+    size = struct.pack("<I", len(index))
+    return index + size + struct.pack("<I", crc32(index + size)) + FOOTER_MAGIC[3]
 
 
 @dataclass
-class Block:
-    kind: BlockKind
-    flags: int
+class RowEntry:
+    """A row as its block header describes it, before its payload is read."""
+
+    kind: RowKind
+    payload_size: int
+    token_count: int = 0
+    original_size: int = 0  # known before decoding for raw rows and version 2 rows only
+
+
+@dataclass
+class BlockHeader:
     original_size: int
-    payload: bytes
-    token_count: int
-    checksum: int  # CRC32 of the original bytes
-    group_rows: int = 0  # rows of the lockstep group this block starts (GROUP_START blocks only)
-
-    def to_bytes(self) -> bytes:
-        head = bytearray([self.kind, self.flags])
-        head += encode_varint(self.original_size) + encode_varint(len(self.payload))
-        if self.kind == BlockKind.LLM:
-            head += encode_varint(self.token_count)
-        if self.flags & FLAG_GROUP_START:
-            head += encode_varint(self.group_rows)
-        head += struct.pack("<I", self.checksum)
-        head += struct.pack("<I", crc32(bytes(head)))
-        return bytes(head) + self.payload
-
-
-def index_entry(kind: int, flags: int, stored_size: int, original_size: int, token_count: int) -> bytes:
-    """One block's index entry: ``kind | flags | stored size | original size [| token count]``."""
-    entry = bytes([kind, flags]) + encode_varint(stored_size) + encode_varint(original_size)
-    return entry + encode_varint(token_count) if kind == BlockKind.LLM else entry
-
-
-def stream_header_bytes(header: dict) -> bytes:
-    """``magic | version | flags | u32 size | u32 crc | zstd(JSON header)``."""
-    body = zstandard.ZstdCompressor(level=19).compress(
-        json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    )
-    if len(body) > MAX_HEADER_BYTES:
-        raise ValueError("header too large")
-    return MAGIC + bytes([VERSION, 0]) + struct.pack("<II", len(body), crc32(body)) + body
-
-
-def index_and_footer_bytes(header_size: int, block_count: int, total_size: int, entries: bytes) -> bytes:
-    head = bytes([BlockKind.INDEX, 0]) + encode_varint(header_size) + encode_varint(block_count)
-    index = head + encode_varint(total_size) + entries
-    index += struct.pack("<I", crc32(index))
-    size = struct.pack("<Q", len(index))
-    return index + struct.pack("<I", crc32(size)) + size + FOOTER_MAGIC
-
-
-class GroupTracker:
-    """Checks the lockstep-group rules of FORMAT.md section 3 as blocks go by."""
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-        self.rows_missing = 0  # LLM blocks the open group still needs
-        self.blocks_in_group = 0
-
-    @property
-    def open(self) -> bool:
-        return self.rows_missing > 0
-
-    def add(self, block: Block, number: int) -> None:
-        if block.kind == BlockKind.LLM:
-            if block.flags & FLAG_GROUP_START:
-                if self.rows_missing:
-                    raise ArchiveError(f"corrupt archive: block {number} starts a group inside another")
-                self.rows_missing = block.group_rows
-                self.blocks_in_group = 0
-            elif not self.rows_missing:
-                raise ArchiveError(f"corrupt archive: block {number} continues a group that never started")
-            self.rows_missing -= 1
-        self.blocks_in_group += 1
-        if self.rows_missing and self.blocks_in_group > 2 * self.batch + 1:
-            start = number - self.blocks_in_group + 1
-            raise ArchiveError(f"corrupt archive: group at block {start} never completes")
+    checksum: int
+    rows: list[RowEntry]
+    group_rows: int  # as :attr:`Block.group_rows`
 
 
 @dataclass
 class StreamWriter:
-    """Writes one stream and remembers what its index needs; :meth:`resume` continues a partial one."""
+    """Writes one version 3 stream and remembers what its index needs; :meth:`continuing` resumes one."""
 
     sink: BinaryIO
     header_size: int = 0
@@ -185,11 +90,11 @@ class StreamWriter:
         self.size += len(data)
         self.block_count += 1
         self.total_size += block.original_size
-        self.entries += index_entry(block.kind, block.flags, len(data), block.original_size, block.token_count)
+        self.entries += block.index_entry(len(data))
         return len(data)
 
     def finish(self) -> int:
-        data = index_and_footer_bytes(self.header_size, self.block_count, self.total_size, bytes(self.entries))
+        data = index_and_footer_bytes(self.header_size, bytes(self.entries))
         self.sink.write(data)
         return len(data)
 
@@ -201,10 +106,15 @@ class ContainerReader:
     index lists exactly the blocks it read and that the footer points at it.
     """
 
-    def __init__(self, source: BinaryIO, name: str, offset: int = 0) -> None:
+    def __init__(
+        self, source: BinaryIO, name: str, offset: int = 0, version: int = VERSION, has_model: bool = True
+    ) -> None:
+        """``version`` and ``has_model``: of the stream being read, when starting after its header."""
         self._source = source
         self.name = name
         self.offset = offset  # bytes consumed so far (file offset when reading a file from there)
+        self.version = version  # of the current stream
+        self.has_model = has_model  # whether the current stream's header names a model
         self.header_size = 0  # the current stream's header bytes
         self.blocks = 0  # blocks read in the current stream
         self.total = 0  # their original bytes
@@ -222,15 +132,17 @@ class ContainerReader:
         self.offset += size
         return data
 
-    def _varint(self, what: str, taken: bytearray) -> int:
+    def _varint(self, what: str, taken: bytearray, limit: int = (1 << 63) - 1) -> int:
         value = 0
-        for i in range(_VARINT_MAX_BYTES):
+        for i in range(VARINT_MAX_BYTES):
             byte = self._read(1, what)[0]
             taken.append(byte)
             value |= (byte & 0x7F) << (7 * i)
             if not byte & 0x80:
                 if byte == 0 and i > 0:
                     raise ArchiveError(f"corrupt {what}: overlong number at byte {self.offset - 1}")
+                if value > limit:
+                    raise ArchiveError(f"corrupt {what}: number {value} above {limit} at byte {self.offset - 1}")
                 return value
         raise ArchiveError(f"corrupt {what}: number too long at byte {self.offset}")
 
@@ -252,49 +164,115 @@ class ContainerReader:
                 raise TruncatedArchiveError("truncated archive: unexpected end of input in magic")
             raise ArchiveError("not an llmpipe archive (wrong magic)")
         version, flags = self._read(2, "stream header")
-        if version != VERSION:
-            raise ArchiveError(f"unsupported format version {version} (this llmpipe reads version {VERSION})")
-        if flags:
+        if version not in READABLE_VERSIONS:
+            raise ArchiveError(f"unsupported format version {version} (this llmpipe reads versions 2 and 3)")
+        allowed = 0 if version == 2 else 0x01
+        if flags & ~allowed:
             raise ArchiveError(f"unsupported stream flags 0x{flags:02x} (reserved bits set)")
-        size, checksum = struct.unpack("<II", self._read(8, "stream header"))
-        if size > MAX_HEADER_BYTES:
-            raise ArchiveError(f"corrupt header: size {size} exceeds the limit")
-        body = self._read(size, "header")
-        if crc32(body) != checksum:
-            raise ArchiveError("corrupt header: CRC mismatch")
-        try:
-            text = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_HEADER_BYTES)
-            header = json.loads(text)
-        except (zstandard.ZstdError, ValueError) as exc:
-            raise ArchiveError(f"corrupt header: {exc}") from None
-        if not isinstance(header, dict):
-            raise ArchiveError("corrupt header: not an object")
+        if version == 2:
+            size, checksum = struct.unpack("<II", self._read(8, "stream header"))
+            if size > MAX_HEADER_BYTES:
+                raise ArchiveError(f"corrupt header: size {size} exceeds the limit")
+            body = self._read(size, "header")
+            if crc32(body) != checksum:
+                raise ArchiveError("corrupt header: CRC mismatch")
+            header = decode_json_header(body, MAX_HEADER_BYTES)
+        else:
+            taken = bytearray([version, flags])
+            size = self._varint("stream header", taken, MAX_HEADER_BYTES)
+            record = self._read(size, "header")
+            (checksum,) = struct.unpack("<I", self._read(4, "header"))
+            if crc32(bytes(taken) + record) != checksum:
+                raise ArchiveError("corrupt header: CRC mismatch")
+            header = decode_record(flags, record)
+        self.version = version
+        self.has_model = header.get("model") is not None
         self.header_size = self.offset - start
         self.blocks = self.total = 0
         self.entries = bytearray()
         return header
 
     def read_block(self, max_size: int, max_rows: int) -> Block | None:
-        """The next block, or None after the stream's index and footer were read and checked.
+        """The next block with its payloads, or None after the stream's index and footer were read and checked.
 
         A block holds at most ``max_size`` original bytes and a group at most
-        ``max_rows`` rows; both are checked before the payload is read.
+        ``max_rows`` rows; both are checked before any payload is read.
         """
         start = self.offset
-        head = bytearray(self._read(2, "block header"))
-        kind, flags = head
-        if kind == BlockKind.INDEX:
-            self._read_index(head)
+        head = self.read_block_header(max_size, max_rows)
+        if head is None:
             return None
-        if kind not in (BlockKind.RAW, BlockKind.ZSTD, BlockKind.LLM):
-            raise ArchiveError(f"corrupt block header: unknown block kind {kind} at byte {start}")
-        allowed = FLAG_GROUP_START if kind == BlockKind.LLM else 0
+        rows = [
+            Row(e.kind, self._read(e.payload_size, "block payload"), e.token_count, e.original_size) for e in head.rows
+        ]
+        self._count(start, head)
+        return Block(rows, head.original_size, head.checksum, head.group_rows)
+
+    def read_block_header(self, max_size: int, max_rows: int) -> BlockHeader | None:
+        """The next block's header (its payloads not read), or None at the index, which is then read."""
+        start = self.offset
+        head = bytearray(self._read(1, "block header"))
+        if head[0] == INDEX_MARKER:
+            self._read_index(head, start)
+            return None
+        if self.version == 2:
+            return self._v2_block_header(head, max_size, max_rows)
+        if head[0] != BLOCK_MARKER:
+            raise ArchiveError(f"corrupt block header: unknown marker {head[0]} at byte {start}")
+        size = self._varint("block header", head, max_size)
+        count = self._varint("block header", head, max_rows)
+        entries = []
+        for _ in range(count):
+            value = self._varint("block header", head, (max_size << 2) | 3)
+            kind, amount = value & 3, value >> 2
+            if kind == RowKind.LLM:
+                entries.append(RowEntry(RowKind.LLM, self._varint("block header", head, max_size), amount))
+            elif kind in (RowKind.RAW, RowKind.ZSTD):
+                entries.append(RowEntry(RowKind(kind), amount, 0, amount if kind == RowKind.RAW else 0))
+            else:
+                raise ArchiveError(f"corrupt block header: unknown row kind {kind} at byte {self.offset - 1}")
+        llm = [e for e in entries if e.kind == RowKind.LLM]
+        base = self._varint("block header", head, max_size) if llm else 0
+        for entry in llm:
+            entry.token_count = base + unzigzag(entry.token_count)
+        checksum = self._read(4, "block header")
+        head += checksum
+        (header_crc,) = struct.unpack("<I", self._read(4, "block header"))
+        if crc32(bytes(head)) != header_crc:
+            raise ArchiveError(f"corrupt block header: CRC mismatch at byte {self.offset - 4}")
+        self._check_rows(size, entries, max_size, max_rows)
+        return BlockHeader(size, struct.unpack("<I", checksum)[0], entries, len(llm))
+
+    def _check_rows(self, size: int, rows: list[RowEntry], max_size: int, max_rows: int) -> None:
+        """What a version 3 block header may claim (FORMAT.md section 3), before any payload is read."""
+        if not 0 < size <= max_size:
+            raise ArchiveError(f"corrupt block header: original size {size} outside 1..{max_size}")
+        if not 0 < len(rows) <= min(max_rows, size):
+            raise ArchiveError(f"corrupt block header: {len(rows)} rows for {size} bytes")
+        symbols = [e.token_count for e in rows if e.kind == RowKind.LLM]
+        if symbols and not self.has_model:
+            raise ArchiveError("corrupt block header: an LLM row in a stream without a model")
+        if any(t < 1 for t in symbols) or sum(symbols) > size:
+            raise ArchiveError("corrupt block header: token counts out of range")
+        if any(e.payload_size < 1 for e in rows if e.kind != RowKind.LLM):
+            raise ArchiveError("corrupt block header: an empty row")
+        if sum(e.payload_size for e in rows) > size:
+            raise ArchiveError("corrupt block header: payloads larger than the block")
+
+    def _v2_block_header(self, head: bytearray, max_size: int, max_rows: int) -> BlockHeader:
+        """A version 2 block: ``kind | flags | n | p | [t] | [r] | content CRC | header CRC``, one row."""
+        kind = head[0]
+        if kind not in (RowKind.RAW, RowKind.ZSTD, RowKind.LLM):
+            raise ArchiveError(f"corrupt block header: unknown block kind {kind} at byte {self.offset - 1}")
+        head += self._read(1, "block header")
+        flags = head[1]
+        allowed = V2_FLAG_GROUP_START if kind == RowKind.LLM else 0
         if flags & ~allowed:
             raise ArchiveError(f"corrupt block header: reserved flags 0x{flags:02x} set")
         original_size = self._varint("block header", head)
         payload_size = self._varint("block header", head)
-        tokens = self._varint("block header", head) if kind == BlockKind.LLM else 0
-        rows = self._varint("block header", head) if flags & FLAG_GROUP_START else 0
+        tokens = self._varint("block header", head) if kind == RowKind.LLM else 0
+        rows = self._varint("block header", head) if flags & V2_FLAG_GROUP_START else 0
         content_crc = self._read(4, "block header")
         head += content_crc
         (header_crc,) = struct.unpack("<I", self._read(4, "block header"))
@@ -302,38 +280,59 @@ class ContainerReader:
             raise ArchiveError(f"corrupt block header: CRC mismatch at byte {self.offset - 4}")
         if not 0 < original_size <= max_size:
             raise ArchiveError(f"corrupt block header: original size {original_size} outside 1..{max_size}")
-        if payload_size > original_size or (kind == BlockKind.RAW and payload_size != original_size):
+        if payload_size > original_size or (kind == RowKind.RAW and payload_size != original_size):
             raise ArchiveError(f"corrupt block header: payload size {payload_size} for {original_size} bytes")
-        if kind == BlockKind.LLM and not 0 < tokens <= original_size:
+        if kind == RowKind.LLM and not 0 < tokens <= original_size:
             raise ArchiveError(f"corrupt block header: token count {tokens} out of range")
-        if flags & FLAG_GROUP_START and not 0 < rows <= max_rows:
+        if flags & V2_FLAG_GROUP_START and not 0 < rows <= max_rows:
             raise ArchiveError(f"corrupt block header: group of {rows} rows out of range")
-        payload = self._read(payload_size, "block payload")
-        checksum = struct.unpack("<I", content_crc)[0]
-        self.blocks += 1
-        self.total += original_size
-        self.entries += index_entry(kind, flags, self.offset - start, original_size, tokens)
-        return Block(BlockKind(kind), flags, original_size, payload, tokens, checksum, rows)
+        entry = RowEntry(RowKind(kind), payload_size, tokens, original_size)
+        return BlockHeader(original_size, struct.unpack("<I", content_crc)[0], [entry], rows)
 
-    def _read_index(self, head: bytearray) -> None:
+    def _count(self, start: int, head: BlockHeader) -> None:
+        """A whole block was read: what the index must say of it."""
+        self.blocks += 1
+        self.total += head.original_size
+        stored = self.offset - start
+        if self.version == 2:
+            row = head.rows[0]
+            entry = bytes([row.kind, V2_FLAG_GROUP_START if head.group_rows else 0])
+            entry += encode_varint(stored) + encode_varint(row.original_size)
+            self.entries += entry + encode_varint(row.token_count) if row.kind == RowKind.LLM else entry
+        else:
+            self.entries += encode_varint(stored) + encode_varint(head.original_size)
+
+    def _read_index(self, head: bytearray, start: int) -> None:
         """Read the index and footer and check them against the blocks read (never trusting its counts)."""
-        start = self.offset - 2
-        if head[1]:
-            raise ArchiveError("corrupt index: reserved flags set")
-        found = (self.header_size, self.blocks, self.total)
-        said = tuple(self._varint("index", head) for _ in range(3))
-        if said != found:
-            raise ArchiveError(
-                "corrupt index: says header {} bytes, {} blocks, {} bytes; found {}, {}, {}".format(*said, *found)
-            )
+        if self.version == 2:
+            head += self._read(1, "index")
+            if head[1]:
+                raise ArchiveError("corrupt index: reserved flags set")
+            found = (self.header_size, self.blocks, self.total)
+            said = tuple(self._varint("index", head) for _ in range(3))
+            if said != found:
+                raise ArchiveError(
+                    "corrupt index: says header {} bytes, {} blocks, {} bytes; found {}, {}, {}".format(*said, *found)
+                )
+        elif (said_header := self._varint("index", head)) != self.header_size:
+            raise ArchiveError(f"corrupt index: says header {said_header} bytes; found {self.header_size}")
         entries = self._read(len(self.entries), "index")
         if entries != self.entries:
             raise ArchiveError("corrupt index: it disagrees with the blocks")
-        (checksum,) = struct.unpack("<I", self._read(4, "index"))
-        if crc32(bytes(head) + entries) != checksum:
-            raise ArchiveError("corrupt index: CRC mismatch")
-        footer = self._read(FOOTER_SIZE, "footer")
-        if footer[12:] != FOOTER_MAGIC or struct.unpack("<I", footer[:4])[0] != crc32(footer[4:12]):
+        index = bytes(head) + entries
+        if self.version == 2:
+            (checksum,) = struct.unpack("<I", self._read(4, "index"))
+            if crc32(index) != checksum:
+                raise ArchiveError("corrupt index: CRC mismatch")
+            footer = self._read(FOOTER_SIZE[2], "footer")
+            size, valid = footer[4:12], struct.unpack("<I", footer[:4])[0] == crc32(footer[4:12])
+            size_value = struct.unpack("<Q", size)[0]
+        else:
+            footer = self._read(FOOTER_SIZE[3], "footer")
+            size, valid = footer[:4], struct.unpack("<I", footer[4:8])[0] == crc32(index + footer[:4])
+            size_value = struct.unpack("<I", size)[0]
+        if footer[-4:] != FOOTER_MAGIC[self.version] or not valid:
             raise ArchiveError("corrupt footer")
-        if struct.unpack("<Q", footer[4:12])[0] != self.offset - FOOTER_SIZE - start:
+        if size_value != self.offset - FOOTER_SIZE[self.version] - start:
             raise ArchiveError("corrupt footer: index size mismatch")
+

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 
 from llmpipe.defaults import cache_dir
 from llmpipe.errors import ModelError
+from llmpipe.format.header import model_id
 from llmpipe.models.config import ModelConfig
 from llmpipe.models.convert import canonical_weights
 from llmpipe.tokenization import ByteTokenizer
@@ -70,15 +71,14 @@ class LoadedModel:
     load_seconds: float
     directory: Path
 
+    @property
+    def model_id(self) -> str:
+        """The identity a version 3 header stores: 16 bytes of SHA-256 over the weights and tokenizer hashes."""
+        return model_id(self.weights_sha256, self.tokenizer.sha256)
+
     def identity(self) -> dict:
         """What an archive records so a decoder can refuse the wrong model."""
-        return {
-            "name": self.name,
-            "arch": self.config.arch,
-            "weights_sha256": self.weights_sha256,
-            "tokenizer_sha256": self.tokenizer.sha256,
-            "vocab_size": self.config.vocab_size,
-        }
+        return {"name": self.name, "arch": self.config.arch, "vocab_size": self.config.vocab_size, "id": self.model_id}
 
 
 class LazyWeights(Mapping[str, torch.Tensor]):

@@ -17,23 +17,38 @@ from llmpipe.engine import create_engine, usable_device
 from llmpipe.engine.exact_transformer import NUMERICS_VERSION
 from llmpipe.engine.float_engine import numeric_fingerprint
 from llmpipe.errors import ArchiveError, ModelError, ModelMismatchError
-from llmpipe.format.container import MAX_ROWS
+from llmpipe.format.fields import MAX_ROWS
+from llmpipe.format.header import model_id
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
 from llmpipe.pipeline.stream_settings import header_field
 from llmpipe.steering.prompt import prompt_from_record
 
 
-def find_cached_model(weights_sha256: str) -> Path | None:
-    """A prepared model in the cache with these weights, whatever it is called."""
+def find_cached_model(wanted: dict) -> Path | None:
+    """A prepared model in the cache with the identity a header's ``model`` names, whatever it is called."""
     models = cache.cache_dir() / "models"
     for meta_file in sorted(models.glob("*/llmpipe.json")) if models.is_dir() else []:
         try:
-            if json.loads(meta_file.read_text()).get("weights_sha256") == weights_sha256:
+            meta = json.loads(meta_file.read_text())
+            if _identity(meta["weights_sha256"], meta["tokenizer_sha256"], wanted) == _wanted(wanted):
                 return meta_file.parent
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
+
+
+def _identity(weights_sha256: str, tokenizer_sha256: str, wanted: dict) -> dict:
+    """A model's identity in the terms of the header ``wanted`` comes from: version 3's ``id``, version 2's
+    two hashes."""
+    if "id" in wanted:
+        return {"id": model_id(weights_sha256, tokenizer_sha256)}
+    return {"weights_sha256": weights_sha256, "tokenizer_sha256": tokenizer_sha256}
+
+
+def _wanted(wanted: dict) -> dict:
+    keys = ("id",) if "id" in wanted else ("weights_sha256", "tokenizer_sha256")
+    return {key: wanted.get(key) for key in keys}
 
 
 class ArchiveCoders:
@@ -55,18 +70,18 @@ class ArchiveCoders:
         if self._model is None:
             spec = self._model_spec
             if spec is None:
-                found = find_cached_model(str(wanted.get("weights_sha256")))
+                found = find_cached_model(wanted)
                 spec = str(found) if found else str(wanted.get("name"))
             try:
                 self._model = cache.load(spec)  # type: ignore[arg-type]
             except ModelError as exc:
                 raise ModelError(f"this archive needs model {wanted.get('name')!r}: {exc}") from None
-        have = self._model.identity()
-        for key in ("weights_sha256", "tokenizer_sha256"):
-            if have[key] != wanted.get(key):
+        have = _identity(self._model.weights_sha256, self._model.tokenizer.sha256, wanted)
+        for key, value in _wanted(wanted).items():
+            if have[key] != value:
                 raise ModelMismatchError(
-                    f"archive was made with model {wanted.get('name')!r} ({key} {str(wanted.get(key))[:12]}...), "
-                    f"but model {have['name']!r} ({have[key][:12]}...) is loaded"
+                    f"archive was made with model {wanted.get('name')!r} ({key} {str(value)[:12]}...), "
+                    f"but model {self._model.name!r} ({have[key][:12]}...) is loaded"
                 )
         numerics = header_field(header, "numerics", dict)
         kind = numerics.get("engine")
@@ -97,7 +112,7 @@ class ArchiveCoders:
                 )
         else:
             raise ArchiveError(f"unsupported numerics engine {kind!r}")
-        key = (have["weights_sha256"], kind, threads, dtype, load_in_8bit)
+        key = (self._model.weights_sha256, kind, threads, dtype, load_in_8bit)
         if self._coder is None or self._coder_key != key:
             engine = create_engine(kind, self._model, threads, batch, self._device, dtype, load_in_8bit)
             self._coder = LlmCoder(engine, self._model.tokenizer)

@@ -1,7 +1,8 @@
-"""Block choice: a window cut into rows, each row the smallest of an LLM, zstd or raw block.
+"""Block making: a window cut into rows, each row LLM-coded, zstd or raw, whichever is smallest.
 
-Data the model is bad at (binary files, compressed data) costs at most a
-few bytes more than zstd. With the float engine a group is coded again
+A window becomes one block (FORMAT.md section 3), its LLM rows the block's
+lockstep group. Data the model is bad at (binary files, compressed data)
+costs at most a few bytes more than zstd. With the float engine a group is coded again
 without the rows that lost, because the decoder must rerun exactly the batch
 the encoder ran; the exact engine's tables do not depend on the batch, so
 its losing rows are simply dropped.
@@ -13,7 +14,8 @@ import zstandard
 
 from llmpipe.codec.coder import LlmCoder
 from llmpipe.codec.context import ContextWindow
-from llmpipe.format.container import FLAG_GROUP_START, Block, BlockKind, crc32
+from llmpipe.format.block import ZSTD_FORMAT, Block, Row, RowKind
+from llmpipe.format.fields import crc32
 from llmpipe.pipeline.stats import Stats
 
 MIN_BYTES_PER_SYMBOL = 1.5
@@ -73,10 +75,9 @@ class WindowCoder:
         self.chunk_size = chunk_size
         self.mixer_version = mixer_version
         """What the archive's tables are mixed with (``mixer.VERSIONS``); a benchmark may set an older one."""
-        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 
-    def code_window(self, window: bytes, stats: Stats) -> list[Block]:
-        """Code one window as up to ``batch`` rows (chunks): its blocks, in order."""
+    def code_window(self, window: bytes, stats: Stats) -> Block:
+        """Code one window as up to ``batch`` rows (chunks): its block."""
         tokenizer = self.coder.tokenizer
         # rows of chunk_size bytes, but a shorter input is cut into up to batch rows of at least
         # MIN_ROW_BYTES: more rows decode together, none so short that its context suffers
@@ -90,64 +91,68 @@ class WindowCoder:
             if self.context.longest_context(len(symbols[i])) <= limit
             and len(c) >= MIN_BYTES_PER_SYMBOL * len(symbols[i])
         ]
-        plain_size = {i: min(len(self._smallest_zstd(chunks[i])), len(chunks[i])) for i in candidates}
-        llm_blocks: dict[int, Block] = {}
+        plain_size = {i: len(self.plain_row(chunks[i]).payload) for i in candidates}
+        llm_rows: dict[int, Row] = {}
         ideal: dict[int, float] = {}
         while candidates:
             coded = self.coder.encode_group([symbols[i] for i in candidates], self.context, self.mixer_version)
-            llm_blocks = {
-                i: Block(BlockKind.LLM, 0, len(chunks[i]), payload, len(symbols[i]), crc32(chunks[i]))
+            llm_rows = {
+                i: Row(RowKind.LLM, payload, len(symbols[i]))
                 for i, payload in zip(candidates, coded.payloads, strict=True)
             }
             ideal = dict(zip(candidates, coded.ideal_bits, strict=True))
-            winners = [i for i in candidates if len(llm_blocks[i].payload) < plain_size[i]]
+            winners = [i for i in candidates if len(llm_rows[i].payload) < plain_size[i]]
             # the float engine's decoder must replay exactly the batch coded: code the winners again
             replay = winners != candidates and not self.coder.engine.full_sequence
             candidates = winners
             if not replay:
                 break
-        if candidates:
-            first = llm_blocks[candidates[0]]
-            first.flags, first.group_rows = FLAG_GROUP_START, len(candidates)
         chosen = set(candidates)
-        blocks: list[Block] = []
-        plain_run: list[bytes] = []  # consecutive chunks the model did not win, stored as one block
+        block_rows: list[Row] = []
+        plain_run: list[bytes] = []  # consecutive chunks the model did not win, stored as one row
         for i, chunk in enumerate(chunks):
             if i not in chosen:
                 plain_run.append(chunk)
                 continue
             if plain_run:
-                blocks.append(self.plain_block(b"".join(plain_run)))
+                block_rows.append(self.plain_row(b"".join(plain_run)))
                 plain_run = []
-            blocks.append(llm_blocks[i])
+            block_rows.append(llm_rows[i])
         if plain_run:
-            blocks.append(self.plain_block(b"".join(plain_run)))
-        if chosen and len(blocks) > 1:  # LLM rows cut zstd's runs apart: keep them only if that still pays
-            whole = self.plain_block(window)
-            if len(whole.to_bytes()) <= sum(len(b.to_bytes()) for b in blocks):
-                return [whole]
+            block_rows.append(self.plain_row(b"".join(plain_run)))
+        block = Block(block_rows, len(window), crc32(window), len(chosen))
+        if chosen and len(block_rows) > 1:  # LLM rows cut zstd's runs apart: keep them only if that still pays
+            whole = Block([self.plain_row(window)], len(window), block.checksum)
+            if len(whole.to_bytes()) <= len(block.to_bytes()):
+                return whole
         for i in sorted(chosen):
             stats.llm_input_bytes += len(chunks[i])
-            stats.llm_payload_bytes += len(llm_blocks[i].payload)
-            stats.llm_symbols += llm_blocks[i].token_count
+            stats.llm_payload_bytes += len(llm_rows[i].payload)
+            stats.llm_symbols += llm_rows[i].token_count
             stats.ideal_bits += ideal[i]
-        return blocks
+        return block
 
-    def plain_block(self, data: bytes) -> Block:
-        """The smaller of a zstd and a raw block for ``data``."""
+    def plain_row(self, data: bytes) -> Row:
+        """The smaller of a zstd and a raw row for ``data``."""
         packed = self._smallest_zstd(data)
         if len(packed) < len(data):
-            return Block(BlockKind.ZSTD, 0, len(data), packed, 0, crc32(data))
-        return Block(BlockKind.RAW, 0, len(data), data, 0, crc32(data))
+            return Row(RowKind.ZSTD, packed)
+        return Row(RowKind.RAW, data, original_size=len(data))
 
     def _smallest_zstd(self, data: bytes) -> bytes:
-        """The smaller of two zstd frames of ``data``: with its size declared, and streamed without it.
+        """The smaller of two magicless zstd frames of ``data``: with its size declared, and streamed without.
 
         libzstd tunes its parameters down when it knows the size is small,
         which on some binary data costs 10-15%; the streamed frame keeps the
         full level-19 search.
         """
-        sized = self._zstd.compress(data)
-        streaming = self._zstd.compressobj()
+        sized = self._zstd(len(data)).compress(data)
+        streaming = self._zstd(0).compressobj()
         unsized = streaming.compress(data) + streaming.flush()
         return unsized if len(unsized) < len(sized) else sized
+
+    @staticmethod
+    def _zstd(size: int) -> zstandard.ZstdCompressor:
+        """Level 19 tuned for ``size`` bytes (0: unknown), writing frames without the magic number."""
+        parameters = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, source_size=size, format=ZSTD_FORMAT[3])
+        return zstandard.ZstdCompressor(compression_params=parameters)

@@ -35,20 +35,16 @@ from llmpipe.defaults import (
 from llmpipe.engine import create_engine, usable_device
 from llmpipe.engine.memory import available_memory, check_kv_budget
 from llmpipe.errors import ArchiveError, LlmpipeError, TruncatedArchiveError, UsageError
-from llmpipe.format.container import (
-    MAX_CHUNK_SIZE,
-    MAX_ROWS,
-    MAX_WINDOW,
-    Block,
-    ContainerReader,
-    StreamWriter,
-    stream_header_bytes,
-)
+from llmpipe.format.block import Block
+from llmpipe.format.container import ContainerReader, StreamWriter
+from llmpipe.format.fields import MAX_CHUNK_SIZE, MAX_ROWS, MAX_WINDOW
+from llmpipe.format.header import VERSION as FORMAT_VERSION
+from llmpipe.format.header import stream_header_bytes
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
 from llmpipe.pipeline.blocks import MIN_BYTES_PER_SYMBOL, WindowCoder, utf8_safe_split
 from llmpipe.pipeline.plan import coding_plan, default_batch
-from llmpipe.pipeline.resume import keep_complete_groups
+from llmpipe.pipeline.resume import keep_complete_blocks
 from llmpipe.pipeline.stats import Stats
 from llmpipe.pipeline.steer import Steering, SteeringChoice
 from llmpipe.steering.prompt import SteeringPrompt, learned_prompt, prompt_from_record
@@ -202,7 +198,7 @@ class Compressor:
         """Continue an interrupted compression: keep the complete groups of ``partial`` (opened ``r+b``).
 
         The partial archive must have been made with these settings from the
-        same seekable input (``resume.keep_complete_groups`` checks every kept
+        same seekable input (``resume.keep_complete_blocks`` checks every kept
         block against it). Returns the writer to continue with, or None when
         not even the stream header was complete (start afresh).
         """
@@ -210,11 +206,15 @@ class Compressor:
         try:
             header = reader.read_stream_header(first=True)
         except TruncatedArchiveError:  # killed before the header was out
+            header = None
+        except ArchiveError as exc:
+            raise UsageError(f"{name}: cannot resume from it ({exc})") from None
+        if header is None or header["model"] is None:  # nothing yet, or a one-block stream without a model
             partial.seek(0)
             partial.truncate()
             return None
-        except ArchiveError as exc:
-            raise UsageError(f"{name}: cannot resume from it ({exc})") from None
+        if reader.version != FORMAT_VERSION:
+            raise UsageError(f"{name}: written in format version {reader.version}; cannot resume it")
         if self._steering.learn:  # the partial archive's prompt was learned on this input: keep it
             config = self.model.config
             self.set_prompt(prompt_from_record(header.get("steering"), config.hidden_size, config.vocab_size))
@@ -222,15 +222,15 @@ class Compressor:
         differ = sorted(k for k in set(mine) | set(header) if k != "llmpipe" and mine.get(k) != header.get(k))
         if differ:
             raise UsageError(f"{name}: made with other settings ({', '.join(differ)}); cannot resume it")
-        return keep_complete_groups(partial, name, reader, source, self.batch, self.window_size)
+        return keep_complete_blocks(partial, name, reader, source, self.batch, self.window_size)
 
     @property
     def window_size(self) -> int:
         """Bytes coded together: ``batch`` chunks."""
         return self.chunk_size * self.batch
 
-    def code_window(self, window: bytes, stats: Stats) -> list[Block]:
-        """Code one window as up to ``batch`` rows: its blocks, in order (``blocks.WindowCoder``)."""
+    def code_window(self, window: bytes, stats: Stats) -> Block:
+        """Code one window as up to ``batch`` rows: its block (``blocks.WindowCoder``)."""
         return self.windows.code_window(window, stats)
 
     def compress(self, data: bytes) -> bytes:
@@ -283,9 +283,11 @@ class CompressionWriter:
         if not self.closed:
             self._code_full_windows()  # what was read ahead is cut into windows as if written window by window
             if self._buffer:
-                self._code(bytes(self._buffer))
+                self._code(bytes(self._buffer), last=True)
                 self._buffer.clear()
-            self._write_header(b"")
+            if self._header_due:  # empty input: nothing needs a model
+                self.stats.archive_bytes += self._stream.write_header({"model": None})
+                self._header_due = False
             self.stats.archive_bytes += self._stream.finish()
             self._flush_sink()
             self.closed = True
@@ -300,18 +302,22 @@ class CompressionWriter:
             self._code(bytes(self._buffer[:cut]))
             del self._buffer[:cut]
 
-    def _write_header(self, first_window: bytes) -> None:
-        if self._header_due:
-            self._compressor.steer_on(first_window, seen=len(self._buffer))  # the window is still buffered
-            self.stats.archive_bytes += self._stream.write_header(self._compressor.header())
-            self._header_due = False
+    def _code(self, window: bytes, last: bool = False) -> None:
+        """Code and write one window; the stream header goes out with the first, after the steering decision.
 
-    def _code(self, window: bytes) -> None:
-        self._write_header(window)
-        for block in self._compressor.code_window(window, self.stats):
-            self.stats.archive_bytes += self._stream.write_block(block)
-            self.stats.original_bytes += block.original_size
-            self.stats.blocks[block.kind.name.lower()] += 1
+        A stream that is one window with no LLM row needs no model: its
+        header says so and costs 13 bytes (FORMAT.md section 2).
+        """
+        if self._header_due:
+            self._compressor.steer_on(window, seen=len(self._buffer))  # the window is still buffered
+        block = self._compressor.code_window(window, self.stats)
+        if self._header_due:
+            header = {"model": None} if last and not block.llm_rows else self._compressor.header()
+            self.stats.archive_bytes += self._stream.write_header(header)
+            self._header_due = False
+        self.stats.archive_bytes += self._stream.write_block(block)
+        self.stats.original_bytes += block.original_size
+        self.stats.count(block.rows)
         self._flush_sink()
         self.stats.seconds = time.perf_counter() - self._started
         if self._progress:

@@ -1,9 +1,9 @@
 """Streaming decompression: read blocks, decode, verify, and only then write.
 
-Nothing reaches the sink before its block's CRC32 matched. LLM blocks come
-in groups: a group starts at a block flagged ``GROUP_START``, which says how
-many LLM blocks (rows) it has, so at most about ``2 x batch`` blocks are held
-per group. Float archives are decoded exactly in the encoder's groups; exact
+Nothing reaches the sink before its block's CRC32 matched. A block's LLM
+rows are a lockstep group (in version 2 archives a group ran over several
+one-row blocks, so at most about ``2 x batch`` blocks are held per group).
+Float archives are decoded exactly in the encoder's groups; exact
 archives in batches of whole groups up to the decoder's own ``batch`` rows
 (their numbers do not depend on the batch), which keeps the model busy even
 for archives made with small batches. The model is loaded
@@ -22,7 +22,9 @@ import zstandard
 
 from llmpipe.defaults import ALL_THREADS, DEFAULT_BATCH, resolve_threads
 from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, ModelMismatchError
-from llmpipe.format.container import Block, BlockKind, ContainerReader, GroupTracker, crc32
+from llmpipe.format.block import ZSTD_FORMAT, GroupTracker, Row, RowKind
+from llmpipe.format.container import ContainerReader
+from llmpipe.format.fields import crc32
 from llmpipe.format.index import read_archive_index
 from llmpipe.models.cache import LoadedModel
 from llmpipe.pipeline.archive_coders import ArchiveCoders
@@ -93,7 +95,7 @@ class Decompressor:
         base = 0  # original offset where the current stream starts
         while (header := reader.read_stream_header(first)) is not None:
             first = False
-            limits = StreamSettings.of(header, self._batch)
+            limits = StreamSettings.of(header, self._batch, reader.version)
             tracker = GroupTracker(limits.batch)
             pending: list[Pending] = []  # blocks held until their group is complete (and merged)
             while True:
@@ -139,7 +141,7 @@ class Decompressor:
         streams = read_archive_index(source, name)
         end = sum(s.original_size for s in streams) if end is None else end
         for stream in streams:
-            limits = StreamSettings.of(stream.header, self._batch)
+            limits = StreamSettings.of(stream.header, self._batch, stream.version)
             needed = blocks_to_read(stream.blocks, start, end, float_groups=not limits.merge_rows)
             pending: list[Pending] = []
             for entry, wanted in needed:
@@ -171,7 +173,7 @@ class Decompressor:
         have = existing.seek(0, io.SEEK_END)
         prefix = 0
         for stream in read_archive_index(source, name):
-            limits = StreamSettings.of(stream.header, self._batch)
+            limits = StreamSettings.of(stream.header, self._batch, stream.version)
             for entry in stream.blocks:
                 if entry.original_offset + entry.original_size > have:
                     return prefix
@@ -193,31 +195,29 @@ class Decompressor:
     def _decode(
         self, pending: list[Pending], stream: StreamSettings, stats: Stats, keep_going: bool
     ) -> Iterator[bytes]:
-        """Decode held blocks (LLM ones as one batch) and yield each wanted block's verified bytes in order."""
-        llm = [p for p in pending if p.block.kind == BlockKind.LLM]
-        decoded: dict[int, bytes] = {}
+        """Decode held blocks (their LLM rows as one batch) and yield each wanted block's verified bytes."""
+        llm = [row for p in pending for row in p.block.llm_rows]
+        decoded: dict[int, bytes] = {}  # id of an LLM row -> its bytes
         if llm:
             coder = self._coders.coder_for(stream.header)
             prime = header_field(stream.header, "prime_token", int)
             if prime != coder.tokenizer.prime_token:
                 raise ModelMismatchError("archive uses a different prime token than this tokenizer")
-            payloads, counts = [p.block.payload for p in llm], [p.block.token_count for p in llm]
+            payloads, counts = [row.payload for row in llm], [row.token_count for row in llm]
             symbol_lists = coder.decode_group(payloads, counts, stream.context, stream.mixer_version)
-            for item, symbols in zip(llm, symbol_lists, strict=True):
+            for row, symbols in zip(llm, symbol_lists, strict=True):
                 try:
-                    decoded[item.number] = coder.tokenizer.decode(symbols)
+                    decoded[id(row)] = coder.tokenizer.decode(symbols)
                 except ValueError:
-                    decoded[item.number] = b""  # reported as a checksum mismatch below
+                    decoded[id(row)] = b""  # reported as a checksum mismatch below
         for item in pending:
             if item.clip is None:
                 continue  # decoded only because its float group had to be
             block = item.block
-            if block.kind == BlockKind.LLM:
-                data = decoded[item.number]
-            elif block.kind == BlockKind.ZSTD:
-                data = _unzstd(block)
-            else:
-                data = block.payload
+            data = b"".join(
+                decoded[id(row)] if row.kind == RowKind.LLM else _plain(row, block.original_size, stream.version)
+                for row in block.rows
+            )
             if len(data) != block.original_size or crc32(data) != block.checksum:
                 where = _where(item.number, item.offset, block.original_size)
                 if not keep_going:
@@ -225,7 +225,7 @@ class Decompressor:
                 stats.damaged.append(where)
                 continue
             stats.original_bytes += block.original_size
-            stats.blocks[block.kind.name.lower()] += 1
+            stats.count(block.rows)
             lo, hi = item.clip
             yield data[lo - item.offset : hi - item.offset]
 
@@ -246,8 +246,12 @@ def _raise_if_damaged(stats: Stats) -> None:
         raise DamagedArchiveError(f"{len(stats.damaged)} damaged part(s) left out: {shown}")
 
 
-def _unzstd(block: Block) -> bytes:
+def _plain(row: Row, limit: int, version: int) -> bytes:
+    """A raw row's bytes, or a zstd row's frame decompressed to at most ``limit`` bytes (its block's size)."""
+    if row.kind == RowKind.RAW:
+        return row.payload
     try:
-        return zstandard.ZstdDecompressor().decompress(block.payload, max_output_size=block.original_size)
+        unpacker = zstandard.ZstdDecompressor(format=ZSTD_FORMAT[version])
+        return unpacker.decompress(row.payload, max_output_size=limit)
     except zstandard.ZstdError:
         return b""  # reported as a checksum mismatch by the caller

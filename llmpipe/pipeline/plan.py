@@ -20,7 +20,7 @@ from llmpipe.defaults import DEFAULT_BATCH
 from llmpipe.engine.exact_engine import HEAD_SLICE, TOKENS_PER_PASS
 from llmpipe.engine.exact_transformer import QUERY_BLOCK, ExactKVCache
 from llmpipe.engine.float_engine import DTYPES
-from llmpipe.format.container import MAX_WINDOW
+from llmpipe.format.fields import MAX_WINDOW
 from llmpipe.models.config import ModelConfig
 from llmpipe.models.transformer import KVCache
 from llmpipe.pipeline.blocks import MIN_BYTES_PER_SYMBOL

@@ -1,10 +1,10 @@
 """``--resume`` of an interrupted compression: what of a partial archive can be kept.
 
 A partial archive holds its stream header and the blocks written before the
-interruption, the last of them perhaps cut short. Whole groups are kept
-(a group's rows decode together, so half a group is worth nothing), each
-block checked against the input's bytes at its place; the rest is cut off
-and coding continues from the first byte not yet coded.
+interruption, the last of them perhaps cut short. Whole blocks are kept
+(each is one window, its rows a lockstep group), each checked against the
+input's bytes at its place; the rest is cut off and coding continues from
+the first byte not yet coded.
 """
 
 from __future__ import annotations
@@ -12,35 +12,32 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from llmpipe.errors import ArchiveError, UsageError
-from llmpipe.format.container import ContainerReader, GroupTracker, StreamWriter, crc32
+from llmpipe.format.container import ContainerReader, StreamWriter
+from llmpipe.format.fields import crc32
 
 
-def keep_complete_groups(
+def keep_complete_blocks(
     partial: BinaryIO, name: str, reader: ContainerReader, source: BinaryIO, batch: int, max_block: int
 ) -> StreamWriter:
-    """After ``reader`` read ``partial``'s stream header: keep every complete group that matches ``source``.
+    """After ``reader`` read ``partial``'s stream header: keep every complete block that matches ``source``.
 
     Every kept block's checksum is compared with the input's bytes at its
     place (the input must be the same seekable file); ``partial`` is cut
-    after the last complete group and ``source`` positioned at the first byte
+    after the last complete block and ``source`` positioned at the first byte
     not yet coded. Returns the writer that continues the stream.
     """
-    tracker = GroupTracker(batch)
-    kept = StreamWriter.continuing(partial, reader)
     while True:
+        kept = StreamWriter.continuing(partial, reader)
         try:
             block = reader.read_block(max_block, batch)
-            if block is None:
-                break
-            tracker.add(block, reader.blocks)
         except ArchiveError:
             break  # the interrupted write: everything before it is kept
+        if block is None:
+            break
         start = reader.total - block.original_size
         source.seek(start)
         if crc32(source.read(block.original_size)) != block.checksum:
             raise UsageError(f"{name}: the input differs from what it holds at byte {start}; cannot resume it")
-        if not tracker.open:
-            kept = StreamWriter.continuing(partial, reader)
     partial.seek(kept.size)
     partial.truncate()
     source.seek(kept.total_size)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmpipe.format.container import BlockKind
+from llmpipe.format.block import Row, RowKind
 
 
 @dataclass
 class Stats:
     original_bytes: int = 0
     archive_bytes: int = 0
-    blocks: dict[str, int] = field(default_factory=lambda: {k.name.lower(): 0 for k in BlockKind if k})
+    blocks: int = 0
+    rows: dict[str, int] = field(default_factory=lambda: {k.name.lower(): 0 for k in RowKind})
     llm_input_bytes: int = 0
     llm_payload_bytes: int = 0
     llm_symbols: int = 0
@@ -24,6 +25,12 @@ class Stats:
     seconds: float = 0.0
     model_load_seconds: float = 0.0
     damaged: list[str] = field(default_factory=list)  # blocks left out by a decoder told to keep going
+
+    def count(self, rows: list[Row]) -> None:
+        """A block of these rows was written (or verified)."""
+        self.blocks += 1
+        for row in rows:
+            self.rows[row.kind.name.lower()] += 1
 
     @property
     def bits_per_byte(self) -> float:

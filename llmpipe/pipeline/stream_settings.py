@@ -12,15 +12,9 @@ from typing import BinaryIO
 from llmpipe.codec import mixer
 from llmpipe.codec.context import ContextWindow
 from llmpipe.errors import ArchiveError
-from llmpipe.format.container import (
-    FLAG_GROUP_START,
-    MAX_CHUNK_SIZE,
-    MAX_ROWS,
-    MAX_WINDOW,
-    Block,
-    BlockKind,
-    ContainerReader,
-)
+from llmpipe.format.block import Block, RowKind
+from llmpipe.format.container import ContainerReader
+from llmpipe.format.fields import MAX_CHUNK_SIZE, MAX_ROWS, MAX_WINDOW
 from llmpipe.format.index import BlockEntry
 
 
@@ -56,9 +50,12 @@ class StreamSettings:
     merge_rows: int  # rows decoded together for exact numerics; 0 for float (decode the coded groups)
     context: ContextWindow
     mixer_version: int  # mixer.VERSIONS, 0: none
+    version: int  # the stream's format version
 
     @classmethod
-    def of(cls, header: dict, decoder_batch: int) -> StreamSettings:
+    def of(cls, header: dict, decoder_batch: int, version: int) -> StreamSettings:
+        if version == 3 and header.get("model") is None:  # no model: zstd and raw rows only
+            return cls(header, MAX_WINDOW, MAX_ROWS, decoder_batch, ContextWindow(0, 0), 0, version)
         chunk_size = header_field(header, "chunk_size", int)
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ArchiveError(f"corrupt header: chunk size {chunk_size}")
@@ -75,30 +72,34 @@ class StreamSettings:
             raise ArchiveError(f"corrupt header: {exc}") from None
         mixer_version = mixer.check_record(header.get("mixer"))
         rows = decoder_batch if exact else 0
-        return cls(header, min(batch * chunk_size, MAX_WINDOW), batch, rows, context, mixer_version)
+        return cls(header, min(batch * chunk_size, MAX_WINDOW), batch, rows, context, mixer_version, version)
 
     def flush_now(self, pending: list[Pending]) -> bool:
         """Front to back, after a group closed: flush a full batch, plain blocks at once, and never hold
         more than a batch's worth of blocks."""
-        rows = sum(p.block.kind == BlockKind.LLM for p in pending)
+        rows = _llm_rows(pending)
         return rows == 0 or rows >= self.merge_rows or len(pending) >= 2 * self.merge_rows + 1
 
     def flush_before(self, entry: BlockEntry, pending: list[Pending]) -> bool:
         """Through the index: float groups end where the next one starts; exact rows merge up to a batch."""
-        if entry.kind != BlockKind.LLM:
+        if entry.kind not in (None, RowKind.LLM):
             return False
         if not self.merge_rows:
-            return bool(entry.flags & FLAG_GROUP_START)
-        return sum(p.block.kind == BlockKind.LLM for p in pending) >= self.merge_rows
+            return entry.group_start
+        return _llm_rows(pending) >= self.merge_rows
+
+
+def _llm_rows(pending: list[Pending]) -> int:
+    return sum(len(p.block.llm_rows) for p in pending)
 
 
 def read_indexed_block(source: BinaryIO, name: str, entry: BlockEntry, limits: StreamSettings) -> Block:
     """The block the index entry points at, its header checked, and of the size the index says."""
     source.seek(entry.offset)
-    reader = ContainerReader(source, name, entry.offset)
+    reader = ContainerReader(source, name, entry.offset, limits.version, limits.header.get("model") is not None)
     block = reader.read_block(limits.max_size, limits.batch)
-    if block is None or reader.offset - entry.offset != entry.stored_size:
-        raise ArchiveError("the index does not point at a block of its size")
+    if block is None or (reader.offset - entry.offset, block.original_size) != (entry.stored_size, entry.original_size):
+        raise ArchiveError("the index does not point at a block of its sizes")
     return block
 
 
@@ -108,12 +109,12 @@ def blocks_to_read(blocks: list[BlockEntry], start: int, end: int, float_groups:
     def overlaps(b: BlockEntry) -> bool:
         return b.original_offset < end and b.original_offset + b.original_size > start
 
-    groups: list[int] = []  # the group number of each block (LLM blocks only)
+    groups: list[int] = []  # the group number of each block that may hold LLM rows
     group = -1
     for b in blocks:
-        if b.kind == BlockKind.LLM and b.flags & FLAG_GROUP_START:
-            group += 1
-        groups.append(group if b.kind == BlockKind.LLM else -1)
+        may_code = b.kind in (None, RowKind.LLM)  # a version 3 block is its own group
+        group += may_code and b.group_start
+        groups.append(group if may_code else -1)
     pairs = list(zip(blocks, groups, strict=True))
     needed_groups = {g for b, g in pairs if g >= 0 and overlaps(b)} if float_groups else set()
     return [(b, overlaps(b)) for b, g in pairs if overlaps(b) or g in needed_groups]

@@ -30,7 +30,7 @@ def settings(tiny_model, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def packed(settings, tmp_path_factory):
-    """``TEXT`` as a file and its archive (24 blocks of 256 bytes, groups of two)."""
+    """``TEXT`` as a file and its archive (12 blocks of two 256-byte rows)."""
     folder = tmp_path_factory.mktemp("packed")
     (folder / "t.txt").write_bytes(TEXT)
     done = run([*settings, str(folder / "t.txt")])
@@ -55,10 +55,10 @@ def test_list_reads_the_index_without_importing_torch(packed):
     info = json.loads(done.stdout)
     stream = info["streams"][0]
     assert info["original_bytes"] == len(TEXT) and info["compressed_bytes"] == packed.stat().st_size
-    assert sum(stream["blocks"].values()) == 24 and stream["model"] == "tiny-llama"
+    assert stream["blocks"] == 12 and sum(stream["rows"].values()) == 24 and stream["model"] == "tiny-llama"
     assert stream["numerics"] == {"engine": "exact", "version": 1} and stream["steering_bytes"] == 0
     table = run(["-l", "-v", str(packed)]).stdout.decode()
-    assert "tiny-llama" in table and "block     24" in table
+    assert "tiny-llama" in table and "block     12" in table
 
 
 def test_list_of_a_truncated_archive_is_one_line_exit_1(packed, tmp_path):
@@ -95,7 +95,7 @@ def test_test_mode_writes_nothing(packed, tmp_path):
     bad.write_bytes(bytes(damaged))
     done = run(["-t", str(bad)])
     start, end = _blocks(packed)[-1]
-    assert done.returncode == 1 and f"block 24 (bytes {start}-{end - 1}): checksum mismatch" in done.stderr.decode()
+    assert done.returncode == 1 and f"block 12 (bytes {start}-{end - 1}): checksum mismatch" in done.stderr.decode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.llmp"]
 
 
@@ -189,7 +189,7 @@ def test_keep_going_writes_every_block_but_the_damaged_ones(packed, tmp_path):
     blocks = _blocks(packed)
     first = int(message.split("block ")[1].split()[0])
     (a, b), (c, _) = blocks[first - 1], blocks[-1]
-    assert "2 damaged part(s) left out" in message and f"block 24 (bytes {c}-{len(TEXT) - 1})" in message
+    assert "2 damaged part(s) left out" in message and f"block 12 (bytes {c}-{len(TEXT) - 1})" in message
     assert (tmp_path / "t.txt").read_bytes() == TEXT[:a] + TEXT[b:c]
 
 
@@ -202,7 +202,7 @@ def test_keep_going_without_a_usable_index_reads_front_to_back(packed, tmp_path)
     archive.write_bytes(bytes(data))
     done = run(["-d", "--keep-going", str(archive)])
     message = done.stderr.decode()
-    assert done.returncode == 1 and "2 damaged part(s) left out: block 24" in message and "index" in message
+    assert done.returncode == 1 and "2 damaged part(s) left out: block 12" in message and "index" in message
     assert (tmp_path / "t.txt").read_bytes() == TEXT[: _blocks(packed)[-1][0]]
 
 

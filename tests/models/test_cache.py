@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from llmpipe.errors import ModelError
+from llmpipe.format.header import model_id
 from llmpipe.models import cache
 
 
@@ -19,7 +20,7 @@ def test_prepared_model_records_identity(tiny_model, isolated_cache):
     metas = [json.loads(p.read_text()) for p in Path(isolated_cache, "models").glob("*/llmpipe.json")]
     assert any(m["weights_sha256"] == tiny_model.weights_sha256 for m in metas)
     assert cache.weights_hash(tiny_model.weights) == tiny_model.weights_sha256
-    assert tiny_model.identity()["tokenizer_sha256"] == tiny_model.tokenizer.sha256
+    assert tiny_model.identity()["id"] == model_id(tiny_model.weights_sha256, tiny_model.tokenizer.sha256)
 
 
 def test_missing_default_model_says_how_to_fetch(monkeypatch, tmp_path):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from llmpipe.codec.context import ContextWindow
 from llmpipe.errors import ArchiveError, ChecksumError, ModelMismatchError
+from llmpipe.format.block import Block
 from llmpipe.pipeline.blocks import split_rows, utf8_safe_split
 from llmpipe.pipeline.compress import Compressor
 from llmpipe.pipeline.decompress import Decompressor
@@ -57,7 +58,7 @@ def test_text_is_coded_by_the_model_near_its_ideal_length(compressor, decompress
     sink = io.BytesIO()
     stats = compressor.compress_stream(io.BytesIO(TEXT), sink)
     assert decompressor.decompress(sink.getvalue()) == TEXT
-    assert stats.blocks["llm"] > stats.blocks["zstd"] + stats.blocks["raw"]
+    assert stats.rows["llm"] > stats.rows["zstd"] + stats.rows["raw"]
     assert 0 <= stats.coder_overhead < 0.02  # tiny chunks; the bench measures the real overhead
 
 
@@ -331,5 +332,5 @@ def test_a_window_never_costs_more_than_storing_it_plain(tiny_model, seed):
     archive = compressor.compress(data)
     assert Decompressor(tiny_model).decompress(archive) == data
     before_index, header_size = split_index(archive)[0], split_index(archive)[1]
-    plain = compressor.windows.plain_block(data).to_bytes()
+    plain = Block([compressor.windows.plain_row(data)], len(data), 0).to_bytes()
     assert len(before_index) - header_size <= len(plain)

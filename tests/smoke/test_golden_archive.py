@@ -16,10 +16,10 @@ SOURCE = (DATA / "enwik8_page.xml").read_bytes()[:2000]
 def test_golden_archive(default_model):
     about = (
         "tests/data/enwik8_page.xml, first 2000 bytes; default model and settings "
-        "(exact numerics v1, mixer ngram-match v2)"
+        "(exact numerics v1, mixer ngram-match v2), format version 3"
     )
     compressor, decompressor = Compressor(default_model), Decompressor(default_model)
-    check_golden("default_model_mixer_v2", compressor, decompressor, SOURCE, about)
+    check_golden("default_model_v3", compressor, decompressor, SOURCE, about, "default_model_mixer_v2")
 
 
 def test_golden_archive_of_mixer_v1_still_decodes(default_model):
