@@ -288,9 +288,116 @@ static inline __attribute__((always_inline)) void product_tile(const product_job
 #endif
 
 
+/* Rows 0.. mr (all of a job of at most PRODUCT_SMALL_ROWS rows) times pairs pair0.. pair1 of w's rows, all
+ * columns, added to `sums` (mr x width int64): the weights read straight from w, front to back, each pair
+ * of w's rows unpacked in registers to the int16 pairs vpmaddwd reads, every column's int32 sums waiting in
+ * `part` (mr x width, in L1 or L2) for the next pair. A decoding step of one or a few rows reads every
+ * weight once: a packed copy (product_run) then costs more than it saves (two thirds of the products' time
+ * at one row), and strip by strip the reads jump between w's rows (a new page per row for the output
+ * head's 49,152 columns). int32 sums never span more than one of job->block's blocks, as in product_tile. */
+static inline __attribute__((always_inline)) void product_small_pairs(const product_job *job, const int mr,
+                                                                     int64_t pair0, int64_t pair1, int64_t width,
+                                                                     int32_t *part, int64_t *sums) {
+    const int64_t whole = job->depth / 2; /* pairs with both weights */
+    const int64_t full = job->cols / PRODUCT_COLS * PRODUCT_COLS;
+    const int64_t block = (job->block + 1) / 2;
+    for (int64_t p0 = pair0; p0 < pair1; p0 = (p0 / block + 1) * block) {
+        const int64_t p1 = (p0 / block + 1) * block < pair1 ? (p0 / block + 1) * block : pair1;
+        memset(part, 0, sizeof(int32_t) * mr * width);
+        int64_t p = p0;
+#ifdef __AVX2__
+        for (const int64_t end = p1 < whole ? p1 : whole; p < end; p++) {
+            __m256i x[PRODUCT_SMALL_ROWS];
+            for (int i = 0; i < mr; i++) {
+                int32_t pair;
+                memcpy(&pair, job->a + i * job->lda + 2 * p, sizeof pair);
+                x[i] = _mm256_set1_epi32(pair);
+            }
+            const int8_t *even_row = job->w + 2 * p * job->cols, *odd_row = even_row + job->cols;
+            for (int64_t c = 0; c < full; c += PRODUCT_COLS) {
+                const __m128i even = _mm_loadu_si128((const __m128i *)(even_row + c));
+                const __m128i odd = _mm_loadu_si128((const __m128i *)(odd_row + c));
+                const __m256i b0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(even, odd));
+                const __m256i b1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(even, odd));
+                for (int i = 0; i < mr; i++) {
+                    __m256i *sum = (__m256i *)(part + i * width + c);
+                    _mm256_storeu_si256(sum, _mm256_add_epi32(_mm256_loadu_si256(sum), _mm256_madd_epi16(x[i], b0)));
+                    _mm256_storeu_si256(sum + 1,
+                                        _mm256_add_epi32(_mm256_loadu_si256(sum + 1), _mm256_madd_epi16(x[i], b1)));
+                }
+            }
+        }
+        const int64_t vector_end = p, tail_from = full; /* pairs p0.. vector_end done for columns below `full` */
+#else
+        const int64_t vector_end = p0, tail_from = 0;
+#endif
+        for (int64_t q = p0; q < p1; q++) /* what the vectors left: an odd depth's last weight, a partial strip */
+            for (int half = 0; half < 2 && 2 * q + half < job->depth; half++) {
+                const int8_t *w = job->w + (2 * q + half) * job->cols;
+                const int64_t from = q < vector_end ? tail_from : 0;
+                for (int i = 0; i < mr; i++) {
+                    const int32_t x = job->a[i * job->lda + 2 * q + half];
+                    for (int64_t c = from; c < job->cols; c++) part[i * width + c] += x * w[c];
+                }
+            }
+        for (int64_t k = 0; k < mr * width; k++) sums[k] += part[k];
+    }
+}
+
+#define PRODUCT_SMALL_CASE(n)                                                       \
+    case n:                                                                         \
+        product_small_pairs(job, n, pair0, pair1, width, part, mine);               \
+        break;
+
+/* A job of at most PRODUCT_SMALL_ROWS rows, no packing: each thread takes one run of w's row pairs (one
+ * stream through memory), then the threads' exact sums are added and stored strip by strip. Returns -1
+ * when its scratch sums could not be had (nothing written). */
+static int product_run_small(const product_job *job, int threads) {
+    const int64_t strips = (job->cols + PRODUCT_COLS - 1) / PRODUCT_COLS, width = strips * PRODUCT_COLS;
+    const int64_t pairs = (job->depth + 1) / 2, mr = job->rows;
+    const int parallel = threads > 1 && job->rows * job->depth * job->cols >= PARALLEL_MIN;
+    const int64_t runs = parallel ? threads : 1;
+    int64_t *sums = calloc(runs * mr * width + 1, sizeof(int64_t));
+    int32_t *parts = malloc(sizeof(int32_t) * (runs * mr * width + 1));
+    if (sums == NULL || parts == NULL) {
+        free(sums);
+        free(parts);
+        return -1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+    for (int64_t t = 0; t < runs; t++) {
+        const int64_t pair0 = pairs * t / runs, pair1 = pairs * (t + 1) / runs;
+        int32_t *part = parts + t * mr * width;
+        int64_t *mine = sums + t * mr * width;
+        switch (mr) {
+            PRODUCT_SMALL_CASE(1)
+            PRODUCT_SMALL_CASE(2)
+            PRODUCT_SMALL_CASE(3)
+            PRODUCT_SMALL_CASE(4)
+        }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+    for (int64_t s = 0; s < strips; s++) {
+        const int64_t col = s * PRODUCT_COLS;
+        int64_t strip[PRODUCT_ROWS][PRODUCT_COLS];
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < PRODUCT_COLS; j++) {
+                int64_t total = 0;
+                for (int64_t t = 0; t < runs; t++) total += sums[(t * mr + i) * width + col + j];
+                strip[i][j] = total;
+            }
+        product_store(job, 0, (int)mr, col, job->cols - col < PRODUCT_COLS ? (int)(job->cols - col) : PRODUCT_COLS,
+                      strip);
+    }
+    free(sums);
+    free(parts);
+    return 0;
+}
+
 /* product_run (products.h): tiles of PRODUCT_TILE_ROWS rows times a run of column strips, between threads. */
 void product_run(const product_job *job, int threads) {
     if (job->rows == 0) return;
+    if (job->rows <= PRODUCT_SMALL_ROWS && !job->transposed && product_run_small(job, threads) == 0) return;
     const int64_t strips = (job->cols + PRODUCT_COLS - 1) / PRODUCT_COLS;
     const int64_t row_tiles = (job->rows + PRODUCT_TILE_ROWS - 1) / PRODUCT_TILE_ROWS;
     const int64_t wanted = 4 * (int64_t)threads; /* enough tiles that threads finish together */

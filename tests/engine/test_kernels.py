@@ -110,7 +110,7 @@ def test_combining_products_gives_the_torch_paths_bits(built, seed, rows, column
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     seed=st.integers(0, 2**32 - 1),
-    rows=st.integers(1, 30),
+    rows=st.one_of(st.integers(1, 4), st.integers(5, 30)),  # a decoding step's few rows read the weights unpacked
     depth=st.integers(1, 2100),
     columns=st.integers(1, 70),
     bias=st.booleans(),
@@ -119,7 +119,8 @@ def test_combining_products_gives_the_torch_paths_bits(built, seed, rows, column
 )
 def test_exact_matmul_gives_the_torch_paths_bits(built, seed, rows, depth, columns, bias, layer_norm, magnitude):
     """One int16 product per weight against ``ExactWeight``'s torch path (two int8 products, the spec's
-    roundings): any shape (tails of the 6 x 16 tiles, odd depths), LayerNorm's mean, and rows whose hi or lo
+    roundings): any shape (tails of the 6 x 16 tiles, odd depths, jobs of up to 4 rows that skip the packing),
+    LayerNorm's mean, and rows whose hi or lo
     parts pass the bound where one rounding of 256 H + L would differ (they take the second product)."""
     generator = torch.Generator().manual_seed(seed)
     limit = {"random": ACT_MAX, "small": 300, "extreme": ACT_MAX}[magnitude]
@@ -160,6 +161,26 @@ def test_exact_matmul_rows_past_the_bound_take_the_specs_two_roundings(built):
     assert (once != spec).any(), "the case must reach where the two roundings differ"
     ones = torch.ones(4, 1), torch.ones(64)
     assert torch.equal(built.exact_matmul(q, ones[0], weight, ones[1], None), spec)
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_a_few_rows_split_between_threads_give_the_torch_paths_bits(built, rows):
+    """A decoding step's products (up to 4 rows) read the weights unpacked, each thread its own run of the
+    weights' rows, with sums past int32's reach (blocks of 512 products): every repetition the torch path's
+    bits. (A race between the threads' sums once showed up here in a few of ten repetitions.)"""
+    generator = torch.Generator().manual_seed(rows)
+    q = (torch.randint(0, 2, (rows, 1100), generator=generator).float() * 2 - 1) * ACT_MAX
+    weight = torch.randint(-127, 128, (1100, 600), generator=generator, dtype=torch.int8)
+    row_scale, scale = torch.rand(rows, 1, generator=generator) * 1e-3, torch.rand(600, generator=generator) * 1e-2
+    expected = ExactWeight(weight, scale, None)(q, row_scale)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(10):
+            assert torch.equal(built.exact_matmul(q, row_scale, weight, scale, None), expected)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_compiler
