@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 
+from llmpipe.engine.decode_layers import DecodeLayers
 from llmpipe.engine.exact_weights import ExactWeight
 from llmpipe.engine.integer_ops import ACT_MAX, kernels_for, quantize_rows, split_bytes
 from llmpipe.engine.kernels import MAX_HEAD_DIM, NetworkKernels
@@ -178,6 +179,13 @@ class ExactTransformer:
         self.attention_kernels = (
             attention if attention is not None and self._native_attention_agrees(attention) else None
         )
+        self._decode_layers = None  # a decoding step's layers in one call (Llama-shaped models, the kernels here)
+        if self.attention_kernels is not None and DecodeLayers.fits(config, self.layers):
+            activation = (self.activation_table, self.activation_limit)
+            rope, factor = (self.rope_cos, self.rope_sin), float(self.score_factor)
+            self._decode_layers = DecodeLayers(
+                config, self.layers, self.attention_kernels, rope, factor, self.attention_exp, activation, KV_MAX
+            )
         self._prompt: ExactKVCache | None = None
 
     def _native_attention_agrees(self, kernels: NetworkKernels) -> bool:
@@ -344,6 +352,13 @@ class ExactTransformer:
         if self.positions is not None:
             x = x + self.positions[start : start + t]
         x = x.reshape(b * t, cfg.hidden_size)
+        if t == 1 and self._decode_layers is not None and self._decode_layers.wanted(b):
+            x = x.contiguous()
+            planes = (cache.keys, cache.values, cache.key_scales, cache.value_scales)
+            if self._decode_layers.run(x, planes, start):  # the same kernels as below, in one call
+                cache.length = start + t
+                return self.norm(x, eps)
+            raise MemoryError("decode_layers: no memory for its scratch rows")
         for i, layer in enumerate(self.layers):
             attn = self._attention(layer["qkv"](*self.norm(x, eps)), (b, t), cache, i)
             attn = layer["o"](*quantize_rows(attn, ACT_MAX))

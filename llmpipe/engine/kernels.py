@@ -1,4 +1,4 @@
-"""The engine's compiled kernels (``products.c``, ``attention.c``, ``rows.c``): typed calls into them.
+"""The engine's compiled kernels (``products.c``, ``attention.c``, ``rows.c``, ``layers.c``): typed calls into them.
 
 A decoding step reads every cached key and value of every row; with the
 cache held as int8 instead of float32 that is a quarter of the memory
@@ -22,7 +22,7 @@ import torch
 
 from llmpipe.numerics.native import COUNT, FLAGS, INT64, POINTER, build, load
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("products.c", "attention.c", "rows.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("products.c", "attention.c", "rows.c", "layers.c"))
 HEADERS = (Path(__file__).with_name("kernels.h"), Path(__file__).with_name("products.h"))
 MAX_HEAD_DIM = 512
 """The kernels' scratch size (``kernels.h``); models with larger heads use the torch path."""
@@ -39,6 +39,11 @@ SIGNATURES = {
     ),
     "activation": ([POINTER] * 2 + [INT64, _FLOAT, POINTER, INT64, POINTER] + [INT64] * 2 + [COUNT], None),
     "exact_matmul": ([POINTER] * 8 + [INT64] * 3 + [COUNT], ctypes.c_int),
+    "decode_layers": (
+        [POINTER] + [INT64] * 3 + [POINTER] + [INT64] * 4 + [POINTER] * 2 + [INT64] + [_FLOAT] * 3 + [POINTER] * 4
+        + [INT64] * 3 + [POINTER, INT64, POINTER, INT64, _FLOAT, _DOUBLE, COUNT],
+        ctypes.c_int,
+    ),
 }
 
 
@@ -168,6 +173,39 @@ class NetworkKernels:
         if self._library.exact_matmul(*pointers, rows, depth, weight_t.shape[1], torch.get_num_threads()):
             raise MemoryError("exact_matmul: no memory for its scratch rows")
         return out
+
+    def decode_layers(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        shape: tuple[int, int, int, int],
+        inner: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        score_factor: float,
+        limits: tuple[int, int],
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        start: int,
+        exp: torch.Tensor,
+        activation: tuple[torch.Tensor, int, float],
+        eps: float,
+    ) -> bool:
+        """``layers.c``: a decoding step's Llama layers on ``x`` (B, C) float32 in place, ``shape`` = (layers,
+        heads, KV heads, hd), ``weights`` the (layers x 8,) addresses of each int8 matrix and its scales
+        (q|k|v, o, gate|up, down), ``rope`` the cos and sin rows of position ``start``, ``cache`` all layers'
+        keys, values (L, B', KV, capacity, hd) int8 and their scales (L, B', KV, capacity), ``activation``
+        the table, its limit and grid. False when scratch memory could not be had (x, cache half done)."""
+        layers, heads, kv_heads, hd = shape
+        keys = cache[0]
+        if not (x.is_contiguous() and all(t.is_contiguous() for t in (*cache, *rope, exp, activation[0]))):
+            raise ValueError("decode_layers needs contiguous tensors")
+        table, limit, grid = activation
+        arguments = (
+            [x.data_ptr(), x.shape[0], x.shape[1], layers, weights.data_ptr(), heads, kv_heads, hd, inner]
+            + [rope[0].data_ptr(), rope[1].data_ptr(), rope[0].shape[1], score_factor, *limits]
+            + [t.data_ptr() for t in cache]
+            + [keys.shape[1], keys.shape[3], start, exp.data_ptr(), len(exp), table.data_ptr(), limit, grid, eps]
+        )
+        return self._library.decode_layers(*arguments, torch.get_num_threads()) == 0
 
     def activation(self, x: torch.Tensor, up: torch.Tensor | None, grid: float, table: torch.Tensor) -> torch.Tensor:
         """``ExactTransformer._activation`` of ``x`` (M, C) float32 (times ``up``, same shape and row stride,

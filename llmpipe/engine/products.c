@@ -306,27 +306,34 @@ static inline __attribute__((always_inline)) void product_small_pairs(const prod
         memset(part, 0, sizeof(int32_t) * mr * width);
         int64_t p = p0;
 #ifdef __AVX2__
-        for (const int64_t end = p1 < whole ? p1 : whole; p < end; p++) {
-            __m256i x[PRODUCT_SMALL_ROWS];
-            for (int i = 0; i < mr; i++) {
-                int32_t pair;
-                memcpy(&pair, job->a + i * job->lda + 2 * p, sizeof pair);
-                x[i] = _mm256_set1_epi32(pair);
-            }
-            const int8_t *even_row = job->w + 2 * p * job->cols, *odd_row = even_row + job->cols;
-            for (int64_t c = 0; c < full; c += PRODUCT_COLS) {
-                const __m128i even = _mm_loadu_si128((const __m128i *)(even_row + c));
-                const __m128i odd = _mm_loadu_si128((const __m128i *)(odd_row + c));
-                const __m256i b0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(even, odd));
-                const __m256i b1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(even, odd));
+        for (const int64_t end = p1 < whole ? p1 : whole; p < end; p += 2) { /* two pairs a pass over part */
+            const int both = p + 1 < end;
+            __m256i x[2][PRODUCT_SMALL_ROWS];
+            for (int h = 0; h < 1 + both; h++)
                 for (int i = 0; i < mr; i++) {
-                    __m256i *sum = (__m256i *)(part + i * width + c);
-                    _mm256_storeu_si256(sum, _mm256_add_epi32(_mm256_loadu_si256(sum), _mm256_madd_epi16(x[i], b0)));
-                    _mm256_storeu_si256(sum + 1,
-                                        _mm256_add_epi32(_mm256_loadu_si256(sum + 1), _mm256_madd_epi16(x[i], b1)));
+                    int32_t pair;
+                    memcpy(&pair, job->a + i * job->lda + 2 * (p + h), sizeof pair);
+                    x[h][i] = _mm256_set1_epi32(pair);
                 }
+            const int8_t *rows = job->w + 2 * p * job->cols;
+            for (int64_t c = 0; c < full; c += PRODUCT_COLS) {
+                __m256i b[2][2];
+                for (int h = 0; h < 1 + both; h++) {
+                    const __m128i even = _mm_loadu_si128((const __m128i *)(rows + 2 * h * job->cols + c));
+                    const __m128i odd = _mm_loadu_si128((const __m128i *)(rows + (2 * h + 1) * job->cols + c));
+                    b[h][0] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(even, odd));
+                    b[h][1] = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(even, odd));
+                }
+                for (int i = 0; i < mr; i++)
+                    for (int k = 0; k < 2; k++) {
+                        __m256i *sum = (__m256i *)(part + i * width + c) + k;
+                        __m256i total = _mm256_add_epi32(_mm256_loadu_si256(sum), _mm256_madd_epi16(x[0][i], b[0][k]));
+                        if (both) total = _mm256_add_epi32(total, _mm256_madd_epi16(x[1][i], b[1][k]));
+                        _mm256_storeu_si256(sum, total);
+                    }
             }
         }
+        p = p1 < whole ? p1 : whole;
         const int64_t vector_end = p, tail_from = full; /* pairs p0.. vector_end done for columns below `full` */
 #else
         const int64_t vector_end = p0, tail_from = 0;

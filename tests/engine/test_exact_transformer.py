@@ -64,6 +64,22 @@ def test_same_numbers_whatever_the_schedule(tiny, seed, length):
     assert torch.equal(tables, frequency_tables(_full(llama, tokens[5:6])[0], 256))
 
 
+def test_a_decoding_steps_layers_in_one_call_give_the_same_numbers(tiny):
+    """Steps of a few rows run their layers in one compiled call where the model is Llama-shaped
+    (``decode_layers``): the numbers of the kernel-by-kernel step and of the full sequence."""
+    model, llama = tiny
+    tokens = _tokens(3, 3, 40, model.config.vocab_size)
+    reference = _full(llama, tokens)
+    fused = llama._decode_layers
+    assert (fused is not None) == (model.config.arch == "llama" and llama.kernels is not None)
+    assert torch.equal(_incremental(llama, tokens), reference)
+    llama._decode_layers = None
+    try:
+        assert torch.equal(_incremental(llama, tokens), reference)
+    finally:
+        llama._decode_layers = fused
+
+
 def test_incremental_equals_full_sequence_past_several_query_blocks(tiny):
     model, llama = tiny
     tokens = _tokens(0, 2, 300, model.config.vocab_size)
