@@ -39,6 +39,7 @@ bench: model
 	$(PY) bench/bench.py context --name context --bytes 32768 --slices 6
 	$(PY) bench/bench.py steps --name steps
 	$(PY) bench/bench.py step-rows --name step-rows
+	$(PY) bench/bench.py small-files --name small-files --before 2288df1
 	$(PY) bench/bench.py run --name enwik8-1mb --bytes 1000000 enwik/enwik8_first_1000000
 	$(PY) bench/bench.py run --name enwik8-1mb-8k --bytes 1000000 --chunk-size 8192 --context 0 enwik/enwik8_first_1000000
 	$(PY) bench/bench.py resumable --name enwik8-4mb --budget 3600

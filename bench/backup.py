@@ -13,7 +13,7 @@ from pathlib import Path
 
 import zstandard
 
-from bench.common import CORPUS, ROOT, corpus_slices, save
+from bench.common import CORPUS, ROOT, corpus_slices, framing_bytes, save
 from llmpipe.cli.listing import describe
 from llmpipe.models import cache
 from llmpipe.pipeline.compress import Compressor
@@ -42,13 +42,12 @@ def backup(args: argparse.Namespace) -> None:
             raise SystemExit("round trip FAILED")
         zstd = subprocess.run(["zstd", "-19", "-c", "-q"], input=data, capture_output=True, check=True).stdout
         with io.BytesIO(archive) as source:
-            info = describe(source, relative, blocks=True)
-        stream = info["streams"][0]
-        framing = stream["header_bytes"] + stream["index_bytes"] + 16 * len(stream["block_list"])
+            stream = describe(source, relative)["streams"][0]
+        framing = framing_bytes(archive)
         library = zstandard.ZstdCompressor(level=19).compressobj()
         linked = len(library.compress(data) + library.flush())  # the libzstd llmpipe itself links
         row = {"file": relative, "bytes": len(data), "llmpipe": len(archive), "zstd": len(zstd), "zstd_lib": linked}
-        row.update(framing=framing, blocks=stream["blocks"])
+        row.update(framing=framing, rows=stream["rows"])
         row["within"] = len(archive) <= 1.01 * len(zstd) + framing
         row["within_lib"] = len(archive) <= 1.01 * linked + framing
         print(json.dumps(row), flush=True)
@@ -82,4 +81,4 @@ def _time_listing(args: argparse.Namespace) -> dict:
             timings[label] = time.perf_counter() - started
         with archive.open("rb") as source:
             info = describe(source, "big.llmp")
-    return {"archive_bytes": info["compressed_bytes"], "blocks": sum(info["streams"][0]["blocks"].values()), **timings}
+    return {"archive_bytes": info["compressed_bytes"], "blocks": info["streams"][0]["blocks"], **timings}

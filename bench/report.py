@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import throughput
+from bench import small_files, throughput
 from bench.common import FAMOUS, RESULTS, ROOT
 from bench.steps import ROWS_LENGTHS
 
@@ -56,7 +56,7 @@ def report(args: argparse.Namespace) -> None:
                 "Famous texts (*) are probably in the model's training data."
             )
             lines += _table_head(
-                "| file | bytes | llmpipe bpb | ideal bpb | coder overhead | "
+                "| file | bytes | llmpipe bpb | ideal bpb | coder overhead | framing | "
                 + " | ".join(names)
                 + " | compress KB/s | decompress KB/s |"
             )
@@ -64,15 +64,19 @@ def report(args: argparse.Namespace) -> None:
                 star = "*" if Path(r["file"]).name in FAMOUS else ""
                 ideal = f"{r['ideal_bpb']:.3f}" if r["ideal_bpb"] else "-"
                 base = " | ".join(f"{r['baselines'][n]:.3f}" for n in names)
+                framing = r.get("framing_bytes")  # runs before format version 3 did not measure it
+                framed = f"{framing} B ({100 * framing / r['archive_bytes']:.2f}%)" if framing is not None else "-"
                 lines.append(
                     f"| {r['file']}{star} | {r['bytes']} | **{r['bpb']:.3f}** | {ideal} | "
-                    f"{100 * r['coder_overhead']:.2f}% | {base} | "
+                    f"{100 * r['coder_overhead']:.2f}% | {framed} | {base} | "
                     f"{r['compress_kb_s']:.2f} | {_kb_s(r['decompress_kb_s'])} |"
                 )
         elif run_data["kind"] == "memory":
             lines += _memory_section(run_data)
         elif run_data["kind"] == "throughput":
             lines += throughput.section(run_data, _table_head)
+        elif run_data["kind"] == "small-files":
+            lines += small_files.section(run_data, _table_head)
         elif run_data["kind"] == "roofline":
             lines.append(
                 f"Matrix products on {run_data['threads']} threads (GMAC/s = 10^9 multiply-adds per second): "
@@ -133,16 +137,17 @@ def report(args: argparse.Namespace) -> None:
         elif run_data["kind"] == "backup":
             lines.append(
                 "Binary files (first bytes of each) against the `zstd -19` command on the same bytes. *framing* "
-                "is the stream header, index and footer plus 16 bytes per block header; the goal is llmpipe <= "
+                "is what the archive spends besides its rows' payloads (runs before format version 3 counted the "
+                "stream header, index and footer plus 16 bytes per block header); the goal is llmpipe <= "
                 "1.01 x zstd + framing. *libzstd* is level 19 through the library llmpipe links (python-zstandard), "
                 "whose version can differ from the command's."
             )
             lines += _table_head(
                 "| file | bytes | llmpipe bytes | zstd -19 bytes | libzstd bytes | framing | within goal (zstd) | "
-                "within goal (libzstd) | blocks llm/zstd/raw |"
+                "within goal (libzstd) | rows llm/zstd/raw |"
             )
             for r in run_data["rows"]:
-                b = r["blocks"]
+                b = r.get("rows") or r["blocks"]  # format version 2 runs counted blocks, each one row
                 lines.append(
                     f"| {r['file']} | {r['bytes']} | {r['llmpipe']} | {r['zstd']} | {r['zstd_lib']} | "
                     f"{r['framing']} | {'yes' if r['within'] else 'NO'} | {'yes' if r['within_lib'] else 'NO'} | "

@@ -89,7 +89,7 @@ def format_table(infos: list[dict], verbose: bool = False) -> str:
     for info in infos:
         streams = info["streams"]
         blocks = sum(s["blocks"] for s in streams)
-        models = ",".join(sorted({str(s["model"]) for s in streams}))
+        models = ",".join(sorted({s["model"] or "-" for s in streams}))
         lines.append(
             f"{len(streams):>7} {blocks:>7} {info['compressed_bytes']:>12} {info['original_bytes']:>12} "
             f"{info['ratio']:>6.3f} {info['bits_per_byte']:>6.3f}  {models}  {info['file']}"
@@ -123,22 +123,33 @@ def _steering(record) -> str:
 def _details(streams: list[dict]) -> list[str]:
     lines = []
     for k, s in enumerate(streams, 1):
-        numerics = s["numerics"] or {}
-        context = s["context"] if isinstance(s["context"], dict) else {}
-        mixer = s["mixer"] if isinstance(s["mixer"], dict) else {}
-        lines.append(
-            f"  stream {k} (format {s['format_version']}): model {s['model']} (id {str(s['model_id'])[:12]}...), "
-            f"numerics {numerics.get('engine')} v{numerics.get('version', '-')}, chunk {s['chunk_size']}, "
-            f"batch {s['batch']}, context {context.get('window')}/{context.get('overlap')}, "
-            f"mixer {mixer.get('name', 'none')}, steering {_steering(s['steering'])} ({s['steering_bytes']} bytes), "
-            f"header {s['header_bytes']} + index {s['index_bytes']} bytes"
-        )
+        if s["model"] is None:  # a stream whose rows are all zstd or raw
+            lines.append(
+                f"  stream {k} (format {s['format_version']}): no model (zstd and raw rows only), "
+                f"header {s['header_bytes']} + index {s['index_bytes']} bytes"
+            )
+        else:
+            lines.append(_stream_line(k, s))
         for b in s.get("block_list", []):
             lines.append(
                 f"    block {b['number']:>6} {b['compressed_bytes']:>9} <- {b['original_bytes']:>9} bytes at "
                 f"{b['original_offset']}, {b['tokens']} tokens, rows: {_row_kinds(b['rows'])}"
             )
     return lines
+
+
+def _stream_line(k: int, s: dict) -> str:
+    """A stream's settings in one line."""
+    numerics = s["numerics"] or {}
+    context = s["context"] if isinstance(s["context"], dict) else {}
+    mixer = s["mixer"] if isinstance(s["mixer"], dict) else {}
+    return (
+        f"  stream {k} (format {s['format_version']}): model {s['model']} (id {str(s['model_id'])[:12]}...), "
+        f"numerics {numerics.get('engine')} v{numerics.get('version', '-')}, chunk {s['chunk_size']}, "
+        f"batch {s['batch']}, context {context.get('window')}/{context.get('overlap')}, "
+        f"mixer {mixer.get('name', 'none')}, steering {_steering(s['steering'])} ({s['steering_bytes']} bytes), "
+        f"header {s['header_bytes']} + index {s['index_bytes']} bytes"
+    )
 
 
 def _steering_bytes(header: dict, version: int) -> int:

@@ -50,6 +50,9 @@ STEERING_MODES = ("text", "random", "learned")  # codes 1, 2, 3; 0: none
 QUANTISERS = ("uniform", "lloyd")  # codes 1, 2
 PRIORS = ("gaussian", "empirical")  # codes 1, 2
 NUMERICS_EXACT, NUMERICS_FLOAT = 1, 2
+KNOWN_MODELS = {"40c376b2c6cfce96d80740c5bb114290": "smollm2-135m-instruct-q4_1"}
+"""Model ids whose name the record leaves out (empty): llmpipe's default model (FORMAT.md section 2). Its
+name is 27 bytes, a fifth of the archive of a 256-byte text."""
 
 
 def model_id(weights_sha256: str, tokenizer_sha256: str) -> str:
@@ -85,7 +88,8 @@ def encode_record(header: dict) -> tuple[int, bytes]:
     model = header.get("model")
     if model is None:
         return 0, bytes(out.data)
-    out.text(header["llmpipe"]).raw(bytes.fromhex(model["id"])).text(model["name"])
+    known = KNOWN_MODELS.get(model["id"]) == model["name"]
+    out.text(header["llmpipe"]).raw(bytes.fromhex(model["id"])).text("" if known else model["name"])
     out.byte(_code(ARCHS, model["arch"], "architecture")).varint(model["vocab_size"])
     out.varint(header["prime_token"]).varint(header["chunk_size"]).varint(header["batch"])
     out.varint(header["context"]["window"]).varint(header["context"]["overlap"])
@@ -117,7 +121,7 @@ def decode_record(flags: int, record: bytes) -> dict:
     if flags & FLAG_MODEL:
         header["llmpipe"] = reader.text(64)
         identity = reader.raw(MODEL_ID_BYTES).hex()
-        name = reader.text(MAX_NAME_BYTES)
+        name = reader.text(MAX_NAME_BYTES) or KNOWN_MODELS.get(identity, "")
         arch = _named(ARCHS, reader.byte(), reader, "architecture")
         header["model"] = {"name": name, "arch": arch, "vocab_size": reader.varint(MAX_VOCAB), "id": identity}
         header["prime_token"] = reader.varint(MAX_VOCAB)

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from llmpipe.errors import ArchiveError
 from llmpipe.format.container import ContainerReader
 from llmpipe.format.fields import RecordWriter, encode_varint
-from llmpipe.format.header import MAGIC, decode_record, encode_record, model_id, stream_header_bytes
+from llmpipe.format.header import (
+    KNOWN_MODELS,
+    MAGIC,
+    decode_record,
+    encode_record,
+    model_id,
+    stream_header_bytes,
+)
 
 MODEL = {"name": "smollm2-135m-instruct-q4_1", "arch": "llama", "vocab_size": 49152, "id": "ab" * 16}
 
@@ -122,6 +129,16 @@ def test_default_header_is_under_100_bytes_and_a_modelless_one_13():
     assert len(stream_header_bytes(header())) <= 100
     assert len(stream_header_bytes({"model": None})) == 13
     assert read(stream_header_bytes({"model": None})) == {"model": None}
+
+
+def test_the_default_models_name_is_left_out_and_restored():
+    """The known model ids (FORMAT.md section 2) need no name: the default model's header is 54 bytes."""
+    (known_id, name), *_ = KNOWN_MODELS.items()
+    default = header(model={**MODEL, "id": known_id, "name": name})
+    assert len(stream_header_bytes(default)) == len(stream_header_bytes(header())) - len(MODEL["name"]) == 54
+    assert read(stream_header_bytes(default)) == default
+    renamed = header(model={**MODEL, "id": known_id, "name": "my-copy"})  # another name is kept
+    assert read(stream_header_bytes(renamed)) == renamed
 
 
 def test_extension_area_is_skipped():
