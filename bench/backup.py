@@ -13,7 +13,7 @@ from pathlib import Path
 
 import zstandard
 
-from bench.common import CORPUS, ROOT, corpus_slices, framing_bytes, save
+from bench.common import CORPUS, ROOT, archive_layout, corpus_slices, save
 from llmpipe.cli.listing import describe
 from llmpipe.models import cache
 from llmpipe.pipeline.compress import Compressor
@@ -43,7 +43,7 @@ def backup(args: argparse.Namespace) -> None:
         zstd = subprocess.run(["zstd", "-19", "-c", "-q"], input=data, capture_output=True, check=True).stdout
         with io.BytesIO(archive) as source:
             stream = describe(source, relative)["streams"][0]
-        framing = framing_bytes(archive)
+        framing = archive_layout(archive)[0]
         library = zstandard.ZstdCompressor(level=19).compressobj()
         linked = len(library.compress(data) + library.flush())  # the libzstd llmpipe itself links
         row = {"file": relative, "bytes": len(data), "llmpipe": len(archive), "zstd": len(zstd), "zstd_lib": linked}

@@ -111,22 +111,24 @@ def measure(compressor: Compressor, decompressor: Decompressor | None, data: byt
         "other_rows": stats.rows["zstd"] + stats.rows["raw"],
         "coder_overhead": stats.coder_overhead,
         "symbols": stats.llm_symbols,
-        "framing_bytes": framing_bytes(archive),
+        "framing_bytes": archive_layout(archive)[0],
         "compress_kb_s": len(data) / 1024 / stats.seconds,
         "decompress_kb_s": len(data) / 1024 / decode_seconds if decode_seconds else None,
     }
 
 
-def framing_bytes(archive: bytes) -> int:
-    """What an archive spends besides its rows' payloads: stream headers, block headers, index, footer."""
+def archive_layout(archive: bytes) -> tuple[int, int]:
+    """What an archive spends besides its rows' payloads (stream headers, block headers, index, footer: its
+    framing), and how many rows it has."""
     reader = ContainerReader(io.BytesIO(archive), "archive")
-    payloads = 0
+    payloads = rows = 0
     first = True
     while reader.read_stream_header(first) is not None:
         first = False
         while (block := reader.read_block(MAX_WINDOW, MAX_ROWS)) is not None:
             payloads += sum(len(row.payload) for row in block.rows)
-    return len(archive) - payloads
+            rows += len(block.rows)
+    return len(archive) - payloads, rows
 
 
 def save(name: str, payload: dict) -> None:

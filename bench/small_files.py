@@ -19,8 +19,9 @@ from pathlib import Path
 
 import brotli
 
-from bench.common import CORPUS, ROOT, corpus_slices, framing_bytes, save
+from bench.common import CORPUS, ROOT, archive_layout, corpus_slices, save
 from llmpipe.models import cache
+from llmpipe.pipeline.blocks import TWO_ROWS_FROM
 from llmpipe.pipeline.compress import Compressor
 from llmpipe.pipeline.decompress import Decompressor
 
@@ -60,9 +61,9 @@ def baselines(data: bytes) -> dict[str, int]:
     return sizes
 
 
-def _timed(function, *arguments):
+def _timed(function, *arguments, **options):
     started = time.perf_counter()
-    value = function(*arguments)
+    value = function(*arguments, **options)
     return value, time.perf_counter() - started
 
 
@@ -74,7 +75,8 @@ def small_files(args: argparse.Namespace) -> None:
 
     def coded(data: bytes, coder: Compressor = compressor, decode: bool = True) -> dict:
         archive, compress_s = _timed(coder.compress, data)
-        row = {"archive_bytes": len(archive), "framing_bytes": framing_bytes(archive), "compress_s": compress_s}
+        framing, rows = archive_layout(archive)
+        row = {"archive_bytes": len(archive), "framing_bytes": framing, "rows": rows, "compress_s": compress_s}
         if decode:
             restored, row["decompress_s"] = _timed(decompressor.decompress, archive)
             if restored != data:
@@ -85,25 +87,30 @@ def small_files(args: argparse.Namespace) -> None:
     for size in SIZES:
         for relative, data in corpus_slices(TEXTS, size):
             row = {"file": relative, "bytes": len(data), **coded(data), "baselines": baselines(data)}
-            row["rows"] = compressor.windows.rows_for(len(data))
             print(json.dumps(row), flush=True)
             result["sizes"].append(row)
+    save(args.name, result)  # each part as it is done: the whole run takes half an hour
     result["english"] = []
     for size in (1024, 4096):
         for relative, data in corpus_slices(ENGLISH, size):
             row = {"file": relative, "bytes": len(data), **coded(data, decode=False), "baselines": baselines(data)}
             print(json.dumps(row), flush=True)
             result["english"].append(row)
+    save(args.name, result)
     result["rows"] = []
     for size, counts in ROWS.items():
         for relative, data in corpus_slices(TEXTS, size):
             row: dict = {"file": relative, "bytes": len(data)}
-            for count in counts:  # exactly `count` rows, whatever the rule would choose
-                compressor.windows.rows_for = lambda _size, count=count: count
+            windows = compressor.windows
+            windows.two_rows_from = len(data) + 1  # exactly `count` rows, whatever the rule would choose
+            for count in counts:
+                windows.rows_for = lambda _size, count=count: count
                 row[str(count)] = coded(data)
-            del compressor.windows.rows_for  # the rule again
+            del windows.rows_for  # the rule again
+            windows.two_rows_from = TWO_ROWS_FROM
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
+    save(args.name, result)
     result["starts"] = []
     coders = {label: Compressor(model, threads=args.threads, **options) for label, options in STARTS.items()}
     for size in (1024, 4096):
@@ -112,6 +119,7 @@ def small_files(args: argparse.Namespace) -> None:
             row.update({label: len(coder.compress(data)) for label, coder in coders.items()})
             print(json.dumps(row), flush=True)
             result["starts"].append(row)
+    save(args.name, result)
     result["startup"] = startup(args)
     result["many"] = many_files(args)
     if args.before:
@@ -183,6 +191,7 @@ BEFORE_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 from llmpipe.models import cache
+from llmpipe.pipeline.blocks import TWO_ROWS_FROM
 from llmpipe.pipeline.compress import Compressor
 from llmpipe.pipeline.decompress import Decompressor
 model = cache.load(None)

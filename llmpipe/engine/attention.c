@@ -310,7 +310,7 @@ int attention(const int16_t *q, const float *qscale, const int8_t *keys, const i
             }
         return failed ? -1 : 0;
     }
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads(threads) reduction(| : failed) if (rows * queries * length * hd >= PARALLEL_MIN)
     {
         float *scratch = malloc(sizeof(float) * MAX_SHARED_GROUP * length);
         failed = scratch == NULL;

@@ -347,8 +347,12 @@ static inline __attribute__((always_inline)) void product_small_pairs(const prod
                     for (int64_t c = from; c < job->cols; c++) part[i * width + c] += x * w[c];
                 }
             }
-        for (int64_t k = 0; k < mr * width; k++) sums[k] += part[k];
+        if (p0 == pair0)
+            for (int64_t k = 0; k < mr * width; k++) sums[k] = part[k];
+        else
+            for (int64_t k = 0; k < mr * width; k++) sums[k] += part[k];
     }
+    if (pair0 >= pair1) memset(sums, 0, sizeof(int64_t) * mr * width); /* more threads than pairs */
 }
 
 #define PRODUCT_SMALL_CASE(n)                                                       \
@@ -357,44 +361,48 @@ static inline __attribute__((always_inline)) void product_small_pairs(const prod
         break;
 
 /* A job of at most PRODUCT_SMALL_ROWS rows, no packing: each thread takes one run of w's row pairs (one
- * stream through memory), then the threads' exact sums are added and stored strip by strip. Returns -1
- * when its scratch sums could not be had (nothing written). */
+ * stream through memory), then the threads' exact sums are added and stored strip by strip, all in one
+ * parallel region (a decoding step makes hundreds of these products). Returns -1 when its scratch sums
+ * could not be had (nothing written). */
 static int product_run_small(const product_job *job, int threads) {
     const int64_t strips = (job->cols + PRODUCT_COLS - 1) / PRODUCT_COLS, width = strips * PRODUCT_COLS;
     const int64_t pairs = (job->depth + 1) / 2, mr = job->rows;
     const int parallel = threads > 1 && job->rows * job->depth * job->cols >= PARALLEL_MIN;
     const int64_t runs = parallel ? threads : 1;
-    int64_t *sums = calloc(runs * mr * width + 1, sizeof(int64_t));
+    int64_t *sums = malloc(sizeof(int64_t) * (runs * mr * width + 1));
     int32_t *parts = malloc(sizeof(int32_t) * (runs * mr * width + 1));
     if (sums == NULL || parts == NULL) {
         free(sums);
         free(parts);
         return -1;
     }
-#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
-    for (int64_t t = 0; t < runs; t++) {
-        const int64_t pair0 = pairs * t / runs, pair1 = pairs * (t + 1) / runs;
-        int32_t *part = parts + t * mr * width;
-        int64_t *mine = sums + t * mr * width;
-        switch (mr) {
-            PRODUCT_SMALL_CASE(1)
-            PRODUCT_SMALL_CASE(2)
-            PRODUCT_SMALL_CASE(3)
-            PRODUCT_SMALL_CASE(4)
-        }
-    }
-#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
-    for (int64_t s = 0; s < strips; s++) {
-        const int64_t col = s * PRODUCT_COLS;
-        int64_t strip[PRODUCT_ROWS][PRODUCT_COLS];
-        for (int i = 0; i < mr; i++)
-            for (int j = 0; j < PRODUCT_COLS; j++) {
-                int64_t total = 0;
-                for (int64_t t = 0; t < runs; t++) total += sums[(t * mr + i) * width + col + j];
-                strip[i][j] = total;
+#pragma omp parallel num_threads(threads) if (parallel)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < runs; t++) {
+            const int64_t pair0 = pairs * t / runs, pair1 = pairs * (t + 1) / runs;
+            int32_t *part = parts + t * mr * width;
+            int64_t *mine = sums + t * mr * width;
+            switch (mr) {
+                PRODUCT_SMALL_CASE(1)
+                PRODUCT_SMALL_CASE(2)
+                PRODUCT_SMALL_CASE(3)
+                PRODUCT_SMALL_CASE(4)
             }
-        product_store(job, 0, (int)mr, col, job->cols - col < PRODUCT_COLS ? (int)(job->cols - col) : PRODUCT_COLS,
-                      strip);
+        }
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < strips; s++) {
+            const int64_t col = s * PRODUCT_COLS;
+            int64_t strip[PRODUCT_ROWS][PRODUCT_COLS];
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < PRODUCT_COLS; j++) {
+                    int64_t total = 0;
+                    for (int64_t t = 0; t < runs; t++) total += sums[(t * mr + i) * width + col + j];
+                    strip[i][j] = total;
+                }
+            const int nr = job->cols - col < PRODUCT_COLS ? (int)(job->cols - col) : PRODUCT_COLS;
+            product_store(job, 0, (int)mr, col, nr, strip);
+        }
     }
     free(sums);
     free(parts);

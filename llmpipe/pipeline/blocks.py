@@ -29,11 +29,13 @@ Measured on 128 KB of enwik8 (64, 32 or 16 rows): 2 KB rows 1.203 bpb and
 that no text code worse than with 8 KB chunks, so rows are never shorter;
 the price is decoder parallelism on inputs under 512 KB."""
 TWO_ROWS_FROM = 4096
-"""...except that an input of this many bytes or more is at least two rows (of 2 KB or more), decoded in
-lockstep: a small input decodes one symbol of each row per step, and a step of two rows costs little more
-than one. Measured on 4 KB slices of six corpus texts (``BENCHMARKS.md``, "small-files"): one row decoded
-in 0.35 of the time llmpipe 0.5 took, two in 0.20, for 4.7% more bytes (2.2-7.8%); four rows 0.14, for
-12% more."""
+"""...except that a window of this many bytes or more that would be one row is also coded as two (of 2 KB or
+more), decoded in lockstep, and kept so when that costs at most TWO_ROWS_MAX_COST more bytes: a small input
+decodes one symbol of each row a step, and a step of two rows costs little more than one. Measured
+(``BENCHMARKS.md``, "small-files", 4 KB prefixes of three corpus texts): two rows decoded in 0.64 of one
+row's time, for 4.7-5.6% more bytes on two texts and 16% on enwik8's first 4 KB (its XML header repeats
+itself, which one row's history exploits)."""
+TWO_ROWS_MAX_COST = 0.05
 
 
 def utf8_safe_split(buffer: bytes) -> int:
@@ -81,11 +83,26 @@ class WindowCoder:
         self.chunk_size = chunk_size
         self.mixer_version = mixer_version
         """What the archive's tables are mixed with (``mixer.VERSIONS``); a benchmark may set an older one."""
+        self.two_rows_from = TWO_ROWS_FROM
+        """Where a one-row window is tried as two (a benchmark cutting rows itself sets it out of reach)."""
 
     def code_window(self, window: bytes, stats: Stats) -> Block:
-        """Code one window as up to ``batch`` rows (chunks): its block."""
+        """Code one window as up to ``batch`` rows (chunks): its block (TWO_ROWS_FROM: two rows where one
+        would do, when they cost little)."""
+        rows = self.rows_for(len(window))
+        block, coding = self._block(window, rows)
+        if rows == 1 and self.batch > 1 and len(window) >= self.two_rows_from:
+            two, two_coding = self._block(window, 2)
+            if len(two.to_bytes()) <= (1 + TWO_ROWS_MAX_COST) * len(block.to_bytes()):
+                block, coding = two, two_coding
+        stats.add_coding(coding)
+        return block
+
+    def _block(self, window: bytes, rows: int) -> tuple[Block, Stats]:
+        """The window cut into ``rows`` rows, each the smallest of LLM, zstd or raw: its block, and what its
+        LLM rows coded (``Stats``' LLM fields)."""
         tokenizer = self.coder.tokenizer
-        symbols = split_rows(tokenizer.encode(window), tokenizer.spellings, self.rows_for(len(window)))
+        symbols = split_rows(tokenizer.encode(window), tokenizer.spellings, rows)
         chunks = [tokenizer.decode(row) for row in symbols]
         limit = self.coder.engine.max_positions
         candidates = [
@@ -124,23 +141,23 @@ class WindowCoder:
         if plain_run:
             block_rows.append(self.plain_row(b"".join(plain_run)))
         block = Block(block_rows, len(window), crc32(window), len(chosen))
+        coding = Stats()
         if chosen and len(block_rows) > 1:  # LLM rows cut zstd's runs apart: keep them only if that still pays
             whole = Block([self.plain_row(window)], len(window), block.checksum)
             if len(whole.to_bytes()) <= len(block.to_bytes()):
-                return whole
+                return whole, coding
         for i in sorted(chosen):
-            stats.llm_input_bytes += len(chunks[i])
-            stats.llm_payload_bytes += len(llm_rows[i].payload)
-            stats.llm_symbols += llm_rows[i].token_count
-            stats.ideal_bits += ideal[i]
-        return block
+            coding.llm_input_bytes += len(chunks[i])
+            coding.llm_payload_bytes += len(llm_rows[i].payload)
+            coding.llm_symbols += llm_rows[i].token_count
+            coding.ideal_bits += ideal[i]
+        return block, coding
 
     def rows_for(self, size: int) -> int:
         """How many rows a window of ``size`` bytes is cut into: one per ``chunk_size`` bytes, but a shorter
-        input into up to ``batch`` rows of at least MIN_ROW_BYTES (two from TWO_ROWS_FROM bytes): more rows
-        decode together, none so short that its context suffers much."""
-        rows = max(-(-size // self.chunk_size), size // MIN_ROW_BYTES, 2 if size >= TWO_ROWS_FROM else 1)
-        return min(self.batch, rows)
+        input into up to ``batch`` rows of at least MIN_ROW_BYTES: more rows decode together, none so short
+        that its context suffers."""
+        return min(self.batch, max(-(-size // self.chunk_size), size // MIN_ROW_BYTES))
 
     def plain_row(self, data: bytes) -> Row:
         """The smaller of a zstd and a raw row for ``data``."""

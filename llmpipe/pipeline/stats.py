@@ -26,6 +26,13 @@ class Stats:
     model_load_seconds: float = 0.0
     damaged: list[str] = field(default_factory=list)  # blocks left out by a decoder told to keep going
 
+    def add_coding(self, other: Stats) -> None:
+        """Add what ``other``'s LLM rows coded (input and payload bytes, symbols, ideal bits)."""
+        self.llm_input_bytes += other.llm_input_bytes
+        self.llm_payload_bytes += other.llm_payload_bytes
+        self.llm_symbols += other.llm_symbols
+        self.ideal_bits += other.ideal_bits
+
     def count(self, rows: list[Row]) -> None:
         """A block of these rows was written (or verified)."""
         self.blocks += 1

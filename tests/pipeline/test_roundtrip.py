@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from llmpipe.codec.context import ContextWindow
 from llmpipe.errors import ArchiveError, ChecksumError, ModelMismatchError
-from llmpipe.format.block import Block
+from llmpipe.format.block import Block, RowKind
+from llmpipe.pipeline import blocks
 from llmpipe.pipeline.blocks import split_rows, utf8_safe_split
 from llmpipe.pipeline.compress import Compressor
 from llmpipe.pipeline.decompress import Decompressor
+from llmpipe.pipeline.stats import Stats
 from tests.bad_archives import split_header, split_index
 from tests.conftest import ARCHITECTURES
 from tests.tiny_model import DATA
@@ -334,3 +336,20 @@ def test_a_window_never_costs_more_than_storing_it_plain(tiny_model, seed):
     before_index, header_size = split_index(archive)[0], split_index(archive)[1]
     plain = Block([compressor.windows.plain_row(data)], len(data), 0).to_bytes()
     assert len(before_index) - header_size <= len(plain)
+
+
+
+@pytest.mark.parametrize("max_cost, rows", [(1.0, 2), (-0.5, 1)])
+def test_a_one_row_window_is_two_rows_when_they_cost_little(tiny_model, monkeypatch, max_cost, rows):
+    """TWO_ROWS_FROM: a window that would be one row is also coded as two, kept when at most
+    TWO_ROWS_MAX_COST larger; either way it decodes, and the statistics count the kept block's rows only."""
+    monkeypatch.setattr(blocks, "TWO_ROWS_MAX_COST", max_cost)
+    compressor = Compressor(tiny_model, chunk_size=4096, batch=4, threads=1)
+    compressor.windows.two_rows_from = 1000
+    data = TEXT[:1500]
+    stats = Stats()
+    block = compressor.code_window(data, stats)
+    assert [row.kind for row in block.rows] == [RowKind.LLM] * rows
+    assert stats.llm_input_bytes == len(data)
+    assert stats.llm_payload_bytes == sum(len(row.payload) for row in block.rows)
+    assert Decompressor(tiny_model).decompress(compressor.compress(data)) == data
