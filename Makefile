@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench,ray]'
 	touch $@
 
 model: setup
@@ -40,6 +40,7 @@ bench: model
 	$(PY) bench/bench.py steps --name steps
 	$(PY) bench/bench.py step-rows --name step-rows
 	$(PY) bench/bench.py small-files --name small-files --before 2288df1
+	$(PY) bench/bench.py scale-out --name scale-out --bytes 131072 --batch 8 --ray
 	$(PY) bench/bench.py run --name enwik8-1mb --bytes 1000000 enwik/enwik8_first_1000000
 	$(PY) bench/bench.py run --name enwik8-1mb-8k --bytes 1000000 --chunk-size 8192 --context 0 enwik/enwik8_first_1000000
 	$(PY) bench/bench.py resumable --name enwik8-4mb --budget 3600

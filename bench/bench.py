@@ -7,6 +7,7 @@
     python bench/bench.py backup --name backup [--bytes N]
     python bench/bench.py resumable --name enwik8-4mb [--file F] [--budget SECONDS]
     python bench/bench.py small-files --name small-files [--before COMMIT]
+    python bench/bench.py scale-out --name scale-out [--bytes N] [--chunk-size B] [--batch N] [--ray]
     python bench/bench.py sweep --name chunks --file enwik/enwik8_first_1000000 --bytes N
     python bench/bench.py report --write BENCHMARKS.md
 
@@ -38,6 +39,7 @@ from bench.report import report  # noqa: E402
 from bench.resumable import resumable  # noqa: E402
 from bench.roofline import roofline  # noqa: E402
 from bench.roundtrip import roundtrip  # noqa: E402
+from bench.scale_out import scale_out  # noqa: E402
 from bench.small_files import small_files  # noqa: E402
 from bench.steps import decoding_steps, step_rows  # noqa: E402
 from llmpipe.defaults import DEFAULT_BATCH, DEFAULT_CHUNK_SIZE, DEFAULT_CONTEXT, DEFAULT_OVERLAP  # noqa: E402
@@ -59,6 +61,7 @@ def main() -> None:
         "step-rows",
         "resumable",
         "small-files",
+        "scale-out",
     )
     for name in names:
         p = sub.add_parser(name)
@@ -87,6 +90,11 @@ def main() -> None:
     sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
     sub.choices["step-rows"].add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     sub.choices["small-files"].add_argument("--before", help="also time the 4 KB slices with llmpipe at this commit")
+    scaler = sub.choices["scale-out"]
+    scaler.add_argument("--file", default="enwik/enwik8_first_1000000")
+    scaler.add_argument("--chunk-size", type=int, default=8192)
+    scaler.add_argument("--batch", type=int, default=8)
+    scaler.add_argument("--ray", action="store_true", help="also on a Ray cluster started on 127.0.0.1 for the run")
     speeds = sub.add_parser("throughput")
     speeds.add_argument("--name", required=True)
     speeds.add_argument("--model", default=None)
@@ -109,6 +117,7 @@ def main() -> None:
         "step-rows": step_rows,
         "resumable": resumable,
         "small-files": small_files,
+        "scale-out": scale_out,
         "throughput": lambda a: throughput.run(a, CORPUS, RESULTS, save),
         "report": report,
     }

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import small_files, throughput
+from bench import scale_out, small_files, throughput
 from bench.common import FAMOUS, RESULTS, ROOT
 from bench.steps import ROWS_LENGTHS
 
@@ -77,6 +77,8 @@ def report(args: argparse.Namespace) -> None:
             lines += throughput.section(run_data, _table_head)
         elif run_data["kind"] == "small-files":
             lines += small_files.section(run_data, _table_head)
+        elif run_data["kind"] == "scale-out":
+            lines += scale_out.section(run_data, _table_head)
         elif run_data["kind"] == "roofline":
             lines.append(
                 f"Matrix products on {run_data['threads']} threads (GMAC/s = 10^9 multiply-adds per second): "

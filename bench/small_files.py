@@ -121,7 +121,9 @@ def small_files(args: argparse.Namespace) -> None:
             result["starts"].append(row)
     save(args.name, result)
     result["startup"] = startup(args)
+    save(args.name, result)
     result["many"] = many_files(args)
+    save(args.name, result)
     if args.before:
         result["before"] = before(args.before, args.threads)
     save(args.name, result)
@@ -191,7 +193,6 @@ BEFORE_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 from llmpipe.models import cache
-from llmpipe.pipeline.blocks import TWO_ROWS_FROM
 from llmpipe.pipeline.compress import Compressor
 from llmpipe.pipeline.decompress import Decompressor
 model = cache.load(None)

@@ -4,4 +4,5 @@ import sys
 
 from llmpipe.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a --workers process (spawned) imports this as its main module
+    sys.exit(main())

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("codec",),
     ("steering",),
     ("pipeline",),
+    ("scale",),
     ("api", "cli"),
     ("__main__", ""),  # "": the package's own __init__, which offers ``api`` lazily
 ]

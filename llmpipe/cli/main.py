@@ -47,27 +47,34 @@ def _list(files: list[str], args: argparse.Namespace) -> int:
     return 0
 
 
-def _compress_work(args: argparse.Namespace):
+def _compress_work(args: argparse.Namespace, pools: list):
     from llmpipe.pipeline.compress import Compressor
 
-    compressor = Compressor(
-        args.model,
-        chunk_size=args.chunk_size,
-        batch=args.batch,
-        threads=args.threads,
-        numerics=args.numerics,
-        context=args.context,
-        overlap=args.overlap,
-        mixing=args.mixer != "none",
-        device=args.device,
-        dtype=args.dtype,
-        load_in_8bit=args.load_in_8bit,
-        memory=args.memory,
-        steer=args.steer,
-        steer_epochs=args.steer_epochs,
-        steer_seconds=args.steer_seconds,
-        log=(lambda line: print(f"llmpipe: {line}", file=sys.stderr)) if args.verbose else None,
-    )
+    options = {
+        "model": args.model,
+        "chunk_size": args.chunk_size,
+        "batch": args.batch,
+        "threads": args.threads,
+        "numerics": args.numerics,
+        "context": args.context,
+        "overlap": args.overlap,
+        "mixing": args.mixer != "none",
+        "device": args.device,
+        "dtype": args.dtype,
+        "load_in_8bit": args.load_in_8bit,
+        "memory": args.memory,
+        "steer": args.steer,
+        "steer_epochs": args.steer_epochs,
+        "steer_seconds": args.steer_seconds,
+        "log": (lambda line: print(f"llmpipe: {line}", file=sys.stderr)) if args.verbose else None,
+    }
+    if args.workers or args.ray:
+        from llmpipe.scale.launch import compressor_on_workers
+
+        compressor, pool = compressor_on_workers(options, args.workers, args.ray)
+        pools.append(pool)
+    else:
+        compressor = Compressor(options.pop("model"), **options)
 
     def work(src: BinaryIO, dst: BinaryIO, out: PartFile | None, progress: Progress) -> object:
         resume = compressor.resume(dst, str(out.part), src) if out and out.resumed else None
@@ -76,11 +83,22 @@ def _compress_work(args: argparse.Namespace):
     return work
 
 
-def _decompress_work(args: argparse.Namespace):
+def _decompress_work(args: argparse.Namespace, pools: list):
     from llmpipe.pipeline.decompress import Decompressor
 
-    batch = args.batch or DEFAULT_BATCH
-    worker = Decompressor(args.model, force=args.force, threads=args.threads, batch=batch, device=args.device)
+    options = {
+        "force": args.force,
+        "threads": args.threads,
+        "batch": args.batch or DEFAULT_BATCH,
+        "device": args.device,
+    }
+    if args.workers or args.ray:
+        from llmpipe.scale.launch import decompressor_on_workers
+
+        worker, pool = decompressor_on_workers({"model": args.model, **options}, args.workers, args.ray)
+        pools.append(pool)
+    else:
+        worker = Decompressor(args.model, **options)
 
     def work(src: BinaryIO, dst: BinaryIO, out: PartFile | None, progress: Progress) -> object:
         name = getattr(src, "name", "<stdin>")
@@ -132,17 +150,24 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--range and --keep-going go with -d")
         if args.range and args.resume:
             raise UsageError("--range and --resume do not go together")
+        if args.workers is not None and args.workers < 1:
+            raise UsageError("--workers must be at least 1")
         work = None  # built at the first usable file: it loads the model once for all of them
+        pools: list = []  # worker pools it started, stopped at the end
         status = 0
-        for source in files:  # like zstd: an error in one file is reported and the others still run
-            try:
-                job = Job(args, source)
-                if work is None:
-                    work = _compress_work(args) if job.compressing else _decompress_work(args)
-                job.run(lambda s, d, o, p, job=job, work=work: _report(args, job.name, work(s, d, o, p)))
-            except LlmpipeError as exc:
-                print(f"llmpipe: {exc}", file=sys.stderr)
-                status = max(status, exc.exit_code)
+        try:
+            for source in files:  # like zstd: an error in one file is reported and the others still run
+                try:
+                    job = Job(args, source)
+                    if work is None:
+                        work = _compress_work(args, pools) if job.compressing else _decompress_work(args, pools)
+                    job.run(lambda s, d, o, p, job=job, work=work: _report(args, job.name, work(s, d, o, p)))
+                except LlmpipeError as exc:
+                    print(f"llmpipe: {exc}", file=sys.stderr)
+                    status = max(status, exc.exit_code)
+        finally:
+            for pool in pools:
+                pool.close()
         return status
     except LlmpipeError as exc:
         print(f"llmpipe: {exc}", file=sys.stderr)

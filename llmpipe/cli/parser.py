@@ -105,6 +105,22 @@ def parser() -> argparse.ArgumentParser:
         "exact ones do not depend on it)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="code windows (or decode groups) on N worker processes, each with its share of the threads; "
+        "the archive is the same as one process writes (exact numerics only)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="run the workers as actors on a running Ray cluster (ADDRESS host:port, default auto: the local "
+        "one); --workers N actors of -T threads each (default: one per CPU of the cluster, or per GPU with "
+        "--device cuda); needs pip install 'llmpipe[ray]'",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         metavar="DEV",

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import io
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import BinaryIO
 
 from llmpipe.codec import mixer
@@ -37,12 +39,13 @@ from llmpipe.engine.memory import available_memory, check_kv_budget
 from llmpipe.errors import ArchiveError, LlmpipeError, TruncatedArchiveError, UsageError
 from llmpipe.format.block import Block
 from llmpipe.format.container import ContainerReader, StreamWriter
-from llmpipe.format.fields import MAX_CHUNK_SIZE, MAX_ROWS, MAX_WINDOW
+from llmpipe.format.fields import MAX_CHUNK_SIZE, MAX_ROWS, MAX_WINDOW, crc32
 from llmpipe.format.header import VERSION as FORMAT_VERSION
 from llmpipe.format.header import stream_header_bytes
 from llmpipe.models import cache
 from llmpipe.models.cache import LoadedModel
 from llmpipe.pipeline.blocks import MIN_BYTES_PER_SYMBOL, WindowCoder, utf8_safe_split
+from llmpipe.pipeline.jobs import CodeWindow, Dispatch, Inline
 from llmpipe.pipeline.plan import coding_plan, default_batch
 from llmpipe.pipeline.resume import keep_complete_blocks
 from llmpipe.pipeline.stats import Stats
@@ -130,6 +133,8 @@ class Compressor:
             LlmCoder(engine, self.model.tokenizer), self.context, batch, chunk_size, mixer.VERSION if mixing else 0
         )
         """How windows become blocks; ``windows.mixer_version`` is what the archive's tables are mixed with."""
+        self.dispatch: Dispatch = Inline(self)
+        """Where windows are coded: here, or by a pool of workers (``llmpipe.scale``) that the caller sets."""
 
     def begin_stream(self) -> None:
         """A new stream: with ``learn:N`` its prompt is learned again, from its own first window."""
@@ -233,6 +238,14 @@ class Compressor:
         """Code one window as up to ``batch`` rows: its block (``blocks.WindowCoder``)."""
         return self.windows.code_window(window, stats)
 
+    def run(self, job: CodeWindow) -> tuple[Block, Stats]:
+        """Code a window handed out by a driver (``jobs``): its block, and what its LLM rows coded."""
+        config = self.model.config
+        if job.steering != (self.prompt.record() if self.prompt else None):
+            self.set_prompt(prompt_from_record(job.steering, config.hidden_size, config.vocab_size))
+        coding = Stats()
+        return self.code_window(job.window, coding), coding
+
     def compress(self, data: bytes) -> bytes:
         """Compress a bytes object in memory."""
         sink = io.BytesIO()
@@ -243,9 +256,12 @@ class Compressor:
 class CompressionWriter:
     """Takes the input piece by piece and writes the stream as whole windows fill.
 
-    Each window is coded when ``batch x chunk_size`` bytes are in (cut before
-    an unfinished UTF-8 character), written and flushed at once, so an
-    interrupted run leaves complete blocks behind for ``--resume``.
+    Each window is cut when ``batch x chunk_size`` bytes are in (before an
+    unfinished UTF-8 character) and submitted to the compressor's dispatch;
+    blocks are written in input order, each flushed at once, so an
+    interrupted run leaves complete blocks behind for ``--resume``. Whatever
+    runs the windows, a block is written only if its size and CRC32 are
+    those of the window sent (else it is asked for once more, then refused).
     """
 
     def __init__(
@@ -268,6 +284,8 @@ class CompressionWriter:
             self.stats.archive_bytes = resume.size
             self.stats.original_bytes = resume.total_size
         self._header_due = resume is None  # written with the first window: a learned prompt needs it
+        self._steered = resume is not None  # the steering decision, made on the first window
+        self._in_flight: deque[tuple[CodeWindow, Future, bool]] = deque()  # (job, its block, last window)
         self.closed = False
 
     def write(self, data: bytes) -> int:
@@ -285,6 +303,7 @@ class CompressionWriter:
             if self._buffer:
                 self._code(bytes(self._buffer), last=True)
                 self._buffer.clear()
+            self._write_blocks(keep=0)
             if self._header_due:  # empty input: nothing needs a model
                 self.stats.archive_bytes += self._stream.write_header({"model": None})
                 self._header_due = False
@@ -303,27 +322,49 @@ class CompressionWriter:
             del self._buffer[:cut]
 
     def _code(self, window: bytes, last: bool = False) -> None:
-        """Code and write one window; the stream header goes out with the first, after the steering decision.
-
-        A stream that is one window with no LLM row needs no model: its
-        header says so and costs 13 bytes (FORMAT.md section 2).
-        """
-        if self._header_due:
+        """Submit one window (after the steering decision, on the first) and write the blocks that are due."""
+        if not self._steered:
             self._compressor.steer_on(window, seen=len(self._buffer))  # the window is still buffered
-        block = self._compressor.code_window(window, self.stats)
-        if self._header_due:
-            header = {"model": None} if last and not block.llm_rows else self._compressor.header()
-            self.stats.archive_bytes += self._stream.write_header(header)
-            self._header_due = False
-        self.stats.archive_bytes += self._stream.write_block(block)
-        self.stats.original_bytes += block.original_size
-        self.stats.count(block.rows)
-        self._flush_sink()
-        self.stats.seconds = time.perf_counter() - self._started
-        if self._progress:
-            self._progress(self.stats)
+            self._steered = True
+        prompt = self._compressor.prompt
+        job = CodeWindow(window, prompt.record() if prompt else None)
+        self._in_flight.append((job, self._compressor.dispatch.submit(job), last))
+        self._write_blocks(keep=self._compressor.dispatch.ahead)
+
+    def _write_blocks(self, keep: int) -> None:
+        """Write finished blocks in input order until at most ``keep`` windows are in flight.
+
+        The stream header goes out with the first block: a stream that is one
+        window with no LLM row needs no model, and its header says so (13
+        bytes, FORMAT.md section 2).
+        """
+        while len(self._in_flight) > keep:
+            job, future, last = self._in_flight.popleft()
+            block, coding = future.result()
+            if not _matches(block, job.window) and self._compressor.dispatch.remote:
+                block, coding = self._compressor.dispatch.submit(job).result()
+            if not _matches(block, job.window):
+                raise LlmpipeError(f"a worker coded the window at byte {self.stats.original_bytes} wrongly twice")
+            self.stats.add_coding(coding)
+            if self._header_due:
+                header = {"model": None} if last and not block.llm_rows else self._compressor.header()
+                self.stats.archive_bytes += self._stream.write_header(header)
+                self._header_due = False
+            self.stats.archive_bytes += self._stream.write_block(block)
+            self.stats.original_bytes += block.original_size
+            self.stats.count(block.rows)
+            self._flush_sink()
+            self.stats.seconds = time.perf_counter() - self._started
+            if self._progress:
+                self._progress(self.stats)
 
     def _flush_sink(self) -> None:
         flush = getattr(self._stream.sink, "flush", None)
         if flush:
             flush()
+
+
+def _matches(block: Block, window: bytes) -> bool:
+    """Whether a block returned for ``window`` claims its size and CRC32 (what a driver can check without
+    decoding; the decoder checks the rows' contents against the CRC)."""
+    return block.original_size == len(window) and block.checksum == crc32(window)

@@ -8,26 +8,32 @@ archives in batches of whole groups up to the decoder's own ``batch`` rows
 (their numbers do not depend on the batch), which keeps the model busy even
 for archives made with small batches. The model is loaded
 at the first LLM block, and its identity and numerics are checked against the
-header before any model work.
+header before any model work. Each group's LLM rows are a job (``jobs``):
+decoded here, or by a pool of workers (``llmpipe.scale``) while the next
+groups are read; the driver assembles and verifies every block in order.
 """
 
 from __future__ import annotations
 
 import io
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import zstandard
 
 from llmpipe.defaults import ALL_THREADS, DEFAULT_BATCH, resolve_threads
-from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, ModelMismatchError
+from llmpipe.errors import ArchiveError, ChecksumError, DamagedArchiveError, ModelMismatchError, UsageError
 from llmpipe.format.block import ZSTD_FORMAT, GroupTracker, Row, RowKind
 from llmpipe.format.container import ContainerReader
 from llmpipe.format.fields import crc32
 from llmpipe.format.index import read_archive_index
 from llmpipe.models.cache import LoadedModel
 from llmpipe.pipeline.archive_coders import ArchiveCoders
+from llmpipe.pipeline.jobs import DecodeRows, Dispatch, Inline
 from llmpipe.pipeline.stats import Stats
 from llmpipe.pipeline.stream_settings import (
     Pending,
@@ -52,6 +58,8 @@ class Decompressor:
     ) -> None:
         self._coders = ArchiveCoders(model, resolve_threads(threads), device, force)
         self._batch = batch  # rows decoded together for exact archives (float ones keep the encoder's groups)
+        self.dispatch: Dispatch = Inline(self)
+        """Where groups' LLM rows are decoded: here, or by a pool of workers that the caller sets."""
 
     def decompress_stream(
         self,
@@ -91,9 +99,17 @@ class Decompressor:
         """The verified contents of ``source``, block by block, reading it front to back once."""
         stats = stats if stats is not None else Stats()
         reader = ContainerReader(source, name)
+        in_flight: deque[_Group] = deque()
         first = True
         base = 0  # original offset where the current stream starts
-        while (header := reader.read_stream_header(first)) is not None:
+        while True:
+            try:
+                header = reader.read_stream_header(first)
+            except ArchiveError:
+                yield from self._finish(in_flight, 0, stats, keep_going)  # what was read whole is written
+                raise
+            if header is None:
+                break
             first = False
             limits = StreamSettings.of(header, self._batch, reader.version)
             tracker = GroupTracker(limits.batch)
@@ -105,19 +121,22 @@ class Decompressor:
                         tracker.add(block, reader.blocks)
                 except ArchiveError:
                     if limits.merge_rows:  # exact blocks decode alone: keep every complete one
-                        yield from self._decode(pending, limits, stats, keep_going)
+                        in_flight.append(self._start(pending, limits))
+                    yield from self._finish(in_flight, 0, stats, keep_going)
                     raise
                 finally:
                     stats.archive_bytes = reader.offset
                 if block is None:
-                    yield from self._decode(pending, limits, stats, keep_going)
+                    in_flight.append(self._start(pending, limits))
                     break
                 offset = base + reader.total - block.original_size
                 pending.append(Pending(reader.blocks, offset, block, (offset, offset + block.original_size)))
                 if not tracker.open and limits.flush_now(pending):
-                    yield from self._decode(pending, limits, stats, keep_going)
+                    in_flight.append(self._start(pending, limits))
                     pending = []
+                    yield from self._finish(in_flight, self.dispatch.ahead, stats, keep_going)
             base += reader.total
+        yield from self._finish(in_flight, 0, stats, keep_going)
 
     def decompress_range(
         self,
@@ -140,26 +159,30 @@ class Decompressor:
         started = time.perf_counter()
         streams = read_archive_index(source, name)
         end = sum(s.original_size for s in streams) if end is None else end
+        in_flight: deque[_Group] = deque()
         for stream in streams:
             limits = StreamSettings.of(stream.header, self._batch, stream.version)
             needed = blocks_to_read(stream.blocks, start, end, float_groups=not limits.merge_rows)
             pending: list[Pending] = []
             for entry, wanted in needed:
                 if pending and limits.flush_before(entry, pending):
-                    self._write(self._decode(pending, limits, stats, keep_going), sink, stats, progress)
+                    in_flight.append(self._start(pending, limits))
                     pending = []
+                    self._write(self._finish(in_flight, self.dispatch.ahead, stats, keep_going), sink, stats, progress)
                 try:
                     block = read_indexed_block(source, name, entry, limits)
                 except ArchiveError as exc:
                     where = _where(entry.number, entry.original_offset, entry.original_size)
                     if not keep_going:
+                        self._write(self._finish(in_flight, 0, stats, keep_going), sink, stats, progress)
                         raise ArchiveError(f"{where}: {exc}") from None
                     stats.damaged.append(where)
                     continue
                 stats.archive_bytes += entry.stored_size
                 clip = (max(start, entry.original_offset), min(end, entry.original_offset + entry.original_size))
                 pending.append(Pending(entry.number, entry.original_offset, block, clip if wanted else None))
-            self._write(self._decode(pending, limits, stats, keep_going), sink, stats, progress)
+            in_flight.append(self._start(pending, limits))
+        self._write(self._finish(in_flight, 0, stats, keep_going), sink, stats, progress)
         stats.seconds = time.perf_counter() - started
         _raise_if_damaged(stats)
         return stats
@@ -192,48 +215,85 @@ class Decompressor:
         if progress:
             progress(stats)
 
-    def _decode(
-        self, pending: list[Pending], stream: StreamSettings, stats: Stats, keep_going: bool
-    ) -> Iterator[bytes]:
-        """Decode held blocks (their LLM rows as one batch) and yield each wanted block's verified bytes."""
+    def _start(self, pending: list[Pending], stream: StreamSettings) -> _Group:
+        """Hand out the LLM rows of held blocks (one batch) to be decoded."""
         llm = [row for p in pending for row in p.block.llm_rows]
-        decoded: dict[int, bytes] = {}  # id of an LLM row -> its bytes
-        if llm:
-            coder = self._coders.coder_for(stream.header)
-            prime = header_field(stream.header, "prime_token", int)
-            if prime != coder.tokenizer.prime_token:
-                raise ModelMismatchError("archive uses a different prime token than this tokenizer")
-            payloads, counts = [row.payload for row in llm], [row.token_count for row in llm]
-            symbol_lists = coder.decode_group(payloads, counts, stream.context, stream.mixer_version)
-            for row, symbols in zip(llm, symbol_lists, strict=True):
-                try:
-                    decoded[id(row)] = coder.tokenizer.decode(symbols)
-                except ValueError:
-                    decoded[id(row)] = b""  # reported as a checksum mismatch below
-        for item in pending:
-            if item.clip is None:
-                continue  # decoded only because its float group had to be
+        if not llm:
+            return _Group(pending, stream, None, None)
+        if self.dispatch.remote and not stream.merge_rows:
+            raise UsageError("an archive with float numerics decodes in one process, not on workers")
+        job = DecodeRows(
+            stream.header, stream.version, tuple(row.payload for row in llm), tuple(row.token_count for row in llm)
+        )
+        return _Group(pending, stream, job, self.dispatch.submit(job))
+
+    def run(self, job: DecodeRows) -> list[bytes]:
+        """Decode a group's LLM rows handed out by a driver (``jobs``): each row's bytes (empty where the
+        symbols spell nothing, which the block's CRC32 then refuses)."""
+        stream = StreamSettings.of(job.header, self._batch, job.version)
+        coder = self._coders.coder_for(job.header)
+        prime = header_field(job.header, "prime_token", int)
+        if prime != coder.tokenizer.prime_token:
+            raise ModelMismatchError("archive uses a different prime token than this tokenizer")
+        symbol_lists = coder.decode_group(list(job.payloads), list(job.counts), stream.context, stream.mixer_version)
+        decoded = []
+        for symbols in symbol_lists:
+            try:
+                decoded.append(coder.tokenizer.decode(symbols))
+            except ValueError:
+                decoded.append(b"")
+        return decoded
+
+    def _finish(self, in_flight: deque[_Group], keep: int, stats: Stats, keep_going: bool) -> Iterator[bytes]:
+        """Yield the verified wanted bytes of the groups in flight, in order, until ``keep`` are left."""
+        while len(in_flight) > keep:
+            group = in_flight.popleft()
+            blocks = self._assemble(group, group.decoded.result() if group.decoded else [])
+            if group.job and self.dispatch.remote and not all(ok for _, ok in blocks):
+                blocks = self._assemble(group, self.dispatch.submit(group.job).result())  # a worker's fault?
+            for item, (data, ok) in zip(group.pending, blocks, strict=True):
+                if item.clip is None:
+                    continue  # decoded only because its float group had to be
+                if not ok:
+                    where = _where(item.number, item.offset, item.block.original_size)
+                    if not keep_going:
+                        raise ChecksumError(f"{where}: checksum mismatch")
+                    stats.damaged.append(where)
+                    continue
+                stats.original_bytes += item.block.original_size
+                stats.count(item.block.rows)
+                lo, hi = item.clip
+                yield data[lo - item.offset : hi - item.offset]
+
+    def _assemble(self, group: _Group, decoded: list[bytes]) -> list[tuple[bytes, bool]]:
+        """Each held block's bytes from its decoded LLM rows and its plain rows, and whether its size and
+        CRC32 match."""
+        rows = iter(decoded)
+        assembled = []
+        for item in group.pending:
             block = item.block
             data = b"".join(
-                decoded[id(row)] if row.kind == RowKind.LLM else _plain(row, block.original_size, stream.version)
+                next(rows, b"") if row.kind == RowKind.LLM else _plain(row, block.original_size, group.stream.version)
                 for row in block.rows
             )
-            if len(data) != block.original_size or crc32(data) != block.checksum:
-                where = _where(item.number, item.offset, block.original_size)
-                if not keep_going:
-                    raise ChecksumError(f"{where}: checksum mismatch")
-                stats.damaged.append(where)
-                continue
-            stats.original_bytes += block.original_size
-            stats.count(block.rows)
-            lo, hi = item.clip
-            yield data[lo - item.offset : hi - item.offset]
+            assembled.append((data, len(data) == block.original_size and crc32(data) == block.checksum))
+        return assembled
 
     def decompress(self, data: bytes) -> bytes:
         """Decompress a bytes object in memory."""
         sink = io.BytesIO()
         self.decompress_stream(io.BytesIO(data), sink)
         return sink.getvalue()
+
+
+@dataclass
+class _Group:
+    """Held blocks whose LLM rows were handed out as ``job`` (None: no LLM rows), to be finished in order."""
+
+    pending: list[Pending]
+    stream: StreamSettings
+    job: DecodeRows | None
+    decoded: Future | None
 
 
 def _where(number: int, offset: int, size: int) -> str:

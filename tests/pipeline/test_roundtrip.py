@@ -273,13 +273,13 @@ def test_decoder_holds_a_bounded_number_of_blocks(tiny_model, monkeypatch):
     data = TEXT[:256] + random.Random(3).randbytes(256 * 40)  # one text row, then 40 rows zstd/raw cannot beat
     archive = Compressor(tiny_model, chunk_size=CHUNK, batch=1, threads=1).compress(data)
     held: list[int] = []
-    original = Decompressor._decode
+    original = Decompressor._start
 
     def counting(self, pending, *args):
         held.append(len(pending))
         return original(self, pending, *args)
 
-    monkeypatch.setattr(Decompressor, "_decode", counting)
+    monkeypatch.setattr(Decompressor, "_start", counting)
     assert Decompressor(tiny_model, batch=8).decompress(archive) == data
     assert len(held) > 5 and max(held) <= 2 * 8 + 1
 
