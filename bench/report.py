@@ -306,7 +306,7 @@ def _comparison_table(rows: list[dict], a: str, b: str) -> list[str]:
 
 def _table_head(header: str) -> list[str]:
     """A blank line, the Markdown table header and its separator (one ``---`` per column)."""
-    return ["", header, "|" + "---|" * (header.count("|") - 1)]
+    return ["", header, "|" + "---|" * (header.replace("\\|", "").count("|") - 1)]  # "\|": a pipe in a cell
 
 
 def _kb_s(value: float | None) -> str:

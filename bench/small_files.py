@@ -230,6 +230,8 @@ def section(run: dict, table_head) -> list[str]:
         "bytes (stream header, block header, index, footer). Decode seconds: the decoder's own, the model",
         "loaded; a fresh command adds the start-up below.",
     ]
+    if run.get("note"):
+        lines.append(run["note"])
     lines += table_head(
         "| file | bytes | rows | llmpipe bytes | framing | " + " | ".join(names) + " | compress s | decompress s |"
     )
@@ -279,7 +281,8 @@ def section(run: dict, table_head) -> list[str]:
         "A row's first tokens: archive bytes with the prime token alone (default), without the mixer, "
         "and with a text prompt before every row (paid for in the header).",
     ]
-    lines += table_head("| file | bytes | " + " | ".join(f"`{k}`" if k != "default" else k for k in labels) + " |")
+    cells = [f"`{k}`".replace("|", "\\|") if k != "default" else k for k in labels]  # a pipe would end the cell
+    lines += table_head("| file | bytes | " + " | ".join(cells) + " |")
     for r in run["starts"]:
         lines.append(f"| {r['file']} | {r['bytes']} | " + " | ".join(str(r[k]) for k in labels) + " |")
     if run.get("startup"):
@@ -304,7 +307,7 @@ def section(run: dict, table_head) -> list[str]:
         lines += [
             "",
             f"4 KB slices against llmpipe at commit {run['before']['commit']} (one row, format version 2), "
-            "both run here in this run:",
+            "both measured here the same day:",
         ]
         lines += table_head("| file | then bytes | then decode s | now bytes | now rows | now decode s | time |")
         for file, then in earlier.items():

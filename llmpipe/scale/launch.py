@@ -60,7 +60,13 @@ def start_workers(spec: WorkerSpec, workers: int | None, ray_address: str | None
 
     ray, connected_here = connect(ray_address)
     each = threads or 1
-    count = workers or slots(ray, each, gpus)
+    room = slots(ray, each, gpus)
+    count = workers or room
+    if not 1 <= count <= room:  # Ray would wait for room forever
+        if connected_here:
+            ray.shutdown()
+        need = f"{count or 1} GPU(s)" if gpus else f"{(count or 1) * each} CPUs ({each} per worker)"
+        raise UsageError(f"--ray {ray_address}: {count or 1} worker(s) need {need}; the cluster has room for {room}")
     remote = WorkerSpec(spec.direction, {**spec.options, "threads": each})
     actors: list[Worker] = [RayWorker(ray, remote, n + 1, each, gpus) for n in range(count)]
     return ClusterPool(actors, ray.shutdown if connected_here else None)

@@ -38,9 +38,9 @@ def connect(address: str) -> tuple[ModuleType, bool]:
 
 
 def slots(ray: ModuleType, threads: int, gpus: bool) -> int:
-    """How many workers the cluster holds: one per GPU, or one per ``threads`` CPUs."""
+    """How many workers the cluster holds: one per GPU, or one per ``threads`` CPUs (0: not even one)."""
     resources = ray.cluster_resources()
-    return max(1, int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // threads)
+    return int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 0)) // threads
 
 
 class RayWorker:

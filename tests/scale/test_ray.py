@@ -105,3 +105,11 @@ def test_without_ray_the_option_says_how_to_install_it(tiny_model_dir):
     )
     done = subprocess.run([sys.executable, "-c", code], input=b"text", capture_output=True, cwd=ROOT, timeout=300)
     assert done.returncode == 1 and done.stderr.decode().strip() == f"llmpipe: {INSTALL_HINT}"
+
+
+def test_more_workers_than_the_cluster_has_room_for_are_refused_up_front(cluster, tiny_model_dir):
+    done = run(["-c", "--model", str(tiny_model_dir), "--ray", cluster, "--workers", "3"], b"text")
+    assert done.returncode == 1
+    assert done.stderr.decode().strip() == (
+        f"llmpipe: --ray {cluster}: 3 worker(s) need 3 CPUs (1 per worker); the cluster has room for 2"
+    )
