@@ -56,7 +56,7 @@ def start_workers(spec: WorkerSpec, workers: int | None, ray_address: str | None
         share = max(1, total // workers)
         local = WorkerSpec(spec.direction, {**spec.options, "threads": share})
         return WorkerPool([ProcessWorker(local, n + 1) for n in range(workers)])
-    from llmpipe.scale.ray_cluster import RayWorker, connect, slots
+    from llmpipe.scale.ray_cluster import RayWorker, actor_class, connect, slots
 
     ray, connected_here = connect(ray_address)
     each = threads or 1
@@ -68,8 +68,9 @@ def start_workers(spec: WorkerSpec, workers: int | None, ray_address: str | None
         need = f"{count or 1} GPU(s)" if gpus else f"{(count or 1) * each} CPUs ({each} per worker)"
         raise UsageError(f"--ray {ray_address}: {count or 1} worker(s) need {need}; the cluster has room for {room}")
     remote = WorkerSpec(spec.direction, {**spec.options, "threads": each})
-    actors: list[Worker] = [RayWorker(ray, remote, n + 1, each, gpus) for n in range(count)]
-    return ClusterPool(actors, ray.shutdown if connected_here else None)
+    actors = actor_class(ray, each, gpus)
+    workers_on_ray: list[Worker] = [RayWorker(ray, actors, remote, n + 1) for n in range(count)]
+    return ClusterPool(workers_on_ray, ray.shutdown if connected_here else None)
 
 
 def compressor_on_workers(
@@ -81,15 +82,8 @@ def compressor_on_workers(
     model = options.pop("model", None)
     threads = options.get("threads", 0)
     driver = Compressor(model, **options)
-    worker_options = {
-        **options,
-        "model": model,
-        "batch": driver.batch,
-        "memory": None,
-        "steer": "none",
-        "log": None,
-    }
-    worker_options = {k: v for k, v in worker_options.items() if k not in ("steer_epochs", "steer_seconds")}
+    kept = {k: v for k, v in options.items() if k not in ("steer_epochs", "steer_seconds")}  # the driver steers
+    worker_options = {**kept, "model": model, "batch": driver.batch, "memory": None, "steer": "none", "log": None}
     pool = start_workers(WorkerSpec("compress", worker_options), workers, ray_address, threads)
     expected = _without_steering(driver.header())
     for hello in pool.hellos:

@@ -43,14 +43,19 @@ def slots(ray: ModuleType, threads: int, gpus: bool) -> int:
     return int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 0)) // threads
 
 
+def actor_class(ray: ModuleType, threads: int, gpus: bool):
+    """``JobServer`` as a Ray actor class holding ``threads`` CPUs (or a GPU), made once for all the slots."""
+    return ray.remote(JobServer).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=0)
+
+
 class RayWorker:
     """One actor slot; ``start`` places a new actor after a loss."""
 
-    def __init__(self, ray: ModuleType, spec: WorkerSpec, number: int, threads: int, gpus: bool) -> None:
+    def __init__(self, ray: ModuleType, actors, spec: WorkerSpec, number: int) -> None:
         self.name = f"ray worker {number}"
         self._ray = ray
         self._spec = spec
-        self._actor_class = ray.remote(JobServer).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=0)
+        self._actor_class = actors  # from actor_class()
         self._actor = None
 
     def start(self) -> Outcome:
