@@ -25,7 +25,7 @@ def roofline(args: argparse.Namespace) -> None:
     int16-by-int8 kernel (``NetworkKernels.exact_matmul``, one product per weight where ``_int_mm`` takes two)."""
     import torch
 
-    from llmpipe.engine.integer_ops import kernels_for
+    from llmpipe.engine.integer_ops import kernels_for, pair_rows
 
     torch.set_num_threads(args.threads)
     kernels = kernels_for(torch.device("cpu"))
@@ -38,7 +38,11 @@ def roofline(args: argparse.Namespace) -> None:
         cases = {"int8": (torch._int_mm, a, b), "fp32": (torch.matmul, a.float(), b.float())}
         if kernels is not None:
             ones = torch.ones(m // 2, 1), torch.ones(n)
-            cases["int16"] = (lambda x, y, ones=ones: kernels.exact_matmul(x, ones[0], y, ones[1], None), q, b)
+
+            def fused(x, pairs, ones=ones):
+                return kernels.exact_matmul(x, ones[0], pairs, ones[1], None)
+
+            cases["int16"] = (fused, q, pair_rows(b))
         for name, (product, x, y) in cases.items():
             product(x, y)  # warm-up
             repeats = 3 if name == "int8" else 10  # _int_mm can be slow: 1 G multiply-adds/s without VNNI

@@ -131,7 +131,8 @@ def roofline_rate(threads: int) -> tuple[str, float]:
     weight = torch.randint(-127, 128, (k, n), generator=generator, dtype=torch.int8)
     row_scale, scale = torch.ones(m, 1), torch.ones(n)
     if kernels is not None and integer_ops.fused_products_win(kernels):
-        name, product = "exact_matmul", lambda: kernels.exact_matmul(q, row_scale, weight, scale, None)
+        pairs = integer_ops.pair_rows(weight)
+        name, product = "exact_matmul", lambda: kernels.exact_matmul(q, row_scale, pairs, scale, None)
     else:
         name, product = "torch._int_mm", lambda: int8_products(q, weight)
     product()

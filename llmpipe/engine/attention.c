@@ -246,8 +246,8 @@ static int attention_tile(const int16_t *q, const float *qscale, const int8_t *k
                 row_factor[g * tile + i] = qscale[at];
             }
         for (int64_t d = 0; d < hd; d++) ones[d] = 1.0f;
-        const product_job scoring = {rows, hd, m, hd, span, kn, 1, PRODUCT_DEPTH, PRODUCT_DIRECT, NULL, NULL, NULL,
-                                     row_factor, ks, NULL, NULL, NULL, scores};
+        const product_job scoring = {rows, hd, m, hd, span, kn, PRODUCT_TRANSPOSED, PRODUCT_DEPTH, PRODUCT_DIRECT,
+                                     NULL, NULL, NULL, row_factor, ks, NULL, NULL, NULL, scores};
         product_run(&scoring, 1);
         float common = vs[0];
         for (int64_t s = 1; s < first + i0 - 1; s++) common = vs[s] > common ? vs[s] : common;
@@ -272,8 +272,8 @@ static int attention_tile(const int16_t *q, const float *qscale, const int8_t *k
             }
         }
         /* a row's weights sum to at most 2^15 + span / 2, so 128 times that stays in int32 (span < 2^24) */
-        const product_job mixing = {weights, lda, m, span, hd, vn, 0, span, PRODUCT_DIRECT, NULL, NULL, NULL,
-                                    row_factor, ones, NULL, NULL, NULL, mixed};
+        const product_job mixing = {weights, lda, m, span, hd, vn, PRODUCT_PLAIN, span, PRODUCT_DIRECT,
+                                    NULL, NULL, NULL, row_factor, ones, NULL, NULL, NULL, mixed};
         product_run(&mixing, 1);
         for (int64_t g = 0; g < group; g++)
             for (int64_t i = 0; i < tile; i++) {

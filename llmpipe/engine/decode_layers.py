@@ -49,17 +49,18 @@ class DecodeLayers:
         self._exp = attention_exp.contiguous()
         self._activation = (activation[0].contiguous(), activation[1], float(tables.ACTIVATION_GRID))
         self._limits = (ACT_MAX, kv_max)
-        pairs = [(layer[m].q_t, layer[m].scale) for layer in layers for m in MATRICES]
-        self._addresses = torch.tensor([t.data_ptr() for pair in pairs for t in pair], dtype=torch.int64)
+        matrices = [(layer[m].pairs, layer[m].scale) for layer in layers for m in MATRICES]
+        self._addresses = torch.tensor([t.data_ptr() for matrix in matrices for t in matrix], dtype=torch.int64)
 
     @staticmethod
     def fits(config: ModelConfig, layers: Sequence[dict[str, ExactWeight]]) -> bool:
-        """Is the model Llama-shaped, with every matrix contiguous and without a bias?"""
+        """Is the model Llama-shaped, with every matrix paired for the kernels, contiguous and without a bias?"""
         llama = config.norm == "rms" and config.positions == "rope" and config.gated_mlp
         if not llama or config.parallel_residual:
             return False
         weights = [layer[m] for layer in layers for m in MATRICES]
-        return all(w.bias is None and w.q_t.is_contiguous() and w.scale.is_contiguous() for w in weights)
+        paired = all(w.pairs is not None and w.pairs.is_contiguous() for w in weights)
+        return paired and all(w.bias is None and w.scale.is_contiguous() for w in weights)
 
     def wanted(self, rows: int) -> bool:
         return rows <= SMALL_STEP_ROWS or fused_products_win(self._kernels)

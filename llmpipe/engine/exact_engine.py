@@ -5,9 +5,10 @@ not have to replay the decoder's schedule: it scores all positions of a chunk
 in one full-sequence pass (many times faster than one position per step),
 any rows together, while the decoder steps through the KV cache in whatever
 batch it likes. The int8 weights are derived once and kept in the model's
-cache directory next to the float weights, transposed (K x N) as the integer
-matmuls read them: on the CPU the engine runs on the file's mapped pages, so
-its weights are in memory once, shared by every llmpipe process using them.
+cache directory next to the float weights, in the layout the compiled products
+read (``integer_ops.pair_rows``): on the CPU the engine runs on the file's
+mapped pages, so its weights are in memory once, shared by every llmpipe
+process using them.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def _exact_weights(model: LoadedModel) -> Mapping[str, torch.Tensor]:
     copy would silently make archives that decode nowhere else, so it is
     derived again instead.
     """
-    path = Path(model.directory) / f"exact-v{NUMERICS_VERSION}-kn.safetensors"
-    with contextlib.suppress(OSError):  # llmpipe 0.2 kept them (N, K) under the plain name
-        Path(model.directory, f"exact-v{NUMERICS_VERSION}.safetensors").unlink(missing_ok=True)
+    path = Path(model.directory) / f"exact-v{NUMERICS_VERSION}-pairs.safetensors"
+    for older in ("", "-kn"):  # the same weights laid out (N, K) by llmpipe 0.2, (K, N) until 2026-12
+        with contextlib.suppress(OSError):
+            Path(model.directory, f"exact-v{NUMERICS_VERSION}{older}.safetensors").unlink(missing_ok=True)
     if path.exists():
         stored = LazyWeights(path)
         if stored.metadata().get("sha256") == weights_hash(stored):

@@ -154,7 +154,7 @@ class ExactTransformer:
         self.kernels = kernels_for(self.device)
 
         def weight(name: str) -> ExactWeight:
-            return ExactWeight(tensor(f"{name}.q_t"), tensor(f"{name}.scale"), tensor(f"{name}.bias"), self.kernels)
+            return ExactWeight(tensor(f"{name}.pairs"), tensor(f"{name}.scale"), tensor(f"{name}.bias"), self.kernels)
 
         self.embed = tensor("embed")
         self.positions = tensor("positions")  # learned position embeddings (GPT-2)

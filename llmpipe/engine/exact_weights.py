@@ -14,29 +14,50 @@ from functools import cached_property
 
 import torch
 
-from llmpipe.engine.integer_ops import fused_products_win, int8_products, int16_int8_matmul, quantize_weight
+from llmpipe.engine.integer_ops import (
+    fused_products_win,
+    int8_products,
+    int16_int8_matmul,
+    pair_rows,
+    quantize_weight,
+    unpair_rows,
+)
 from llmpipe.engine.kernels import NetworkKernels
 from llmpipe.models.config import ModelConfig
 
 
 class ExactWeight:
-    """An int8 weight stored transposed for ``int16_int8_matmul``, with its per-channel scales and bias."""
+    """An int8 (K, N) weight with its per-channel scales and bias, in the kernels' paired layout
+    (``integer_ops.pair_rows``) and, for the torch path, as (K, N) rows."""
 
     def __init__(
         self,
-        q_t: torch.Tensor,
+        pairs: torch.Tensor,
         scale: torch.Tensor,
         bias: torch.Tensor | None = None,
         kernels: NetworkKernels | None = None,
     ) -> None:
-        self.q_t = q_t  # (K, N) int8, as prepared: on the CPU the cache file's own pages, no copy
+        # (ceil(K/2), N, 2) int8 as prepared: on the CPU the cache file's own pages, no copy. Without kernels
+        # only the torch path's rows are kept (made now: a GPU holds the weights once).
+        self.pairs = pairs if kernels is not None else None
+        self._rows = None if kernels is not None else unpair_rows(pairs)
         self.scale = scale.to(torch.float32).contiguous()  # (N,)
         self.bias = None if bias is None else bias.contiguous()  # (N,) float32
         self.kernels = kernels  # combine the two products in one pass (``kernels``), same bits
 
+    @property
+    def q_t(self) -> torch.Tensor:
+        """The (K', N) int8 rows the torch path multiplies by (K' = K rounded up to even, the last row zero
+        after an odd K): with kernels made on first use only (where torch's int8 product is the faster)."""
+        if self._rows is None:
+            self._rows = unpair_rows(self.pairs)
+        return self._rows
+
     @cached_property
     def row_sums(self) -> torch.Tensor:
         """``W 1`` (N,) float64, exact (|.| < 2^7 K): only matmuls after a LayerNorm need it."""
+        if self.pairs is not None:
+            return self.pairs.sum(dim=(0, 2), dtype=torch.int64).to(torch.float64)
         return self.q_t.sum(dim=0, dtype=torch.int64).to(torch.float64)
 
     def __call__(self, xq: torch.Tensor, row_scale: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,10 +68,11 @@ class ExactWeight:
         """
         if self.kernels is not None and fused_products_win(self.kernels):  # one int16 product per weight, same bits
             sums = None if mean is None else self.row_sums
-            return self.kernels.exact_matmul(xq, row_scale, self.q_t, self.scale, self.bias, mean, sums)
+            return self.kernels.exact_matmul(xq, row_scale, self.pairs, self.scale, self.bias, mean, sums)
+        q_t = self.q_t[: xq.shape[1]]  # without the zero row of an odd K
         if mean is None and self.kernels is not None:
-            return self.kernels.combine_products(int8_products(xq, self.q_t), row_scale, self.scale, self.bias)
-        high, low = int16_int8_matmul(xq, self.q_t)  # (M, N) int32 each, exact
+            return self.kernels.combine_products(int8_products(xq, q_t), row_scale, self.scale, self.bias)
+        high, low = int16_int8_matmul(xq, q_t)  # (M, N) int32 each, exact
         if mean is None:
             # 256 * high is exact in float32; the sum is the one rounding; then the two scales
             out = high.to(torch.float32).mul_(256.0).add_(low.to(torch.float32))
@@ -99,7 +121,7 @@ def prepare_exact_weights(config: ModelConfig, weights: Mapping[str, torch.Tenso
                 bias = folded if bias is None else bias + folded
             weight = weight * weights[f"{norm}.weight"].to(torch.float32)[None, :]
         q, scale = quantize_weight(weight)
-        out[f"{name}.q_t"], out[f"{name}.scale"] = q.t().contiguous(), scale  # (K, N): the layout matmuls use
+        out[f"{name}.pairs"], out[f"{name}.scale"] = pair_rows(q.t()), scale  # (K, N), paired as the kernels read it
         if bias is not None:
             out[f"{name}.bias"] = bias.contiguous()
 

@@ -154,23 +154,26 @@ class NetworkKernels:
         self,
         q: torch.Tensor,
         row_scale: torch.Tensor,
-        weight_t: torch.Tensor,
+        weight_pairs: torch.Tensor,
         scale: torch.Tensor,
         bias: torch.Tensor | None,
         mean: torch.Tensor | None = None,
         row_sums: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``ExactWeight``'s float32 output (M, N) for integer-valued float32 ``q`` (M, K) with (M, 1) row
-        scales, int8 ``weight_t`` (K, N), (N,) scales and bias (or None); with ``mean`` (M, 1) and ``row_sums``
-        (N,) float64 for LayerNorm rows. One int16 product per weight (``products.c``), the spec's bits."""
-        q, row_scale, weight_t = q.contiguous(), row_scale.contiguous(), weight_t.contiguous()
+        scales, an int8 (K, N) weight as ``integer_ops.pair_rows`` lays it out (``weight_pairs``,
+        (ceil(K / 2), N, 2)), (N,) scales and bias (or None); with ``mean`` (M, 1) and ``row_sums`` (N,)
+        float64 for LayerNorm rows. One int16 product per weight (``products.c``), the spec's bits."""
+        q, row_scale, weight_pairs = q.contiguous(), row_scale.contiguous(), weight_pairs.contiguous()
         rows, depth = q.shape
-        out = torch.empty(rows, weight_t.shape[1])
+        if weight_pairs.shape[0] != (depth + 1) // 2 or weight_pairs.shape[2] != 2:
+            raise ValueError(f"exact_matmul: weight pairs {tuple(weight_pairs.shape)} for a depth of {depth}")
+        out = torch.empty(rows, weight_pairs.shape[1])
         if mean is not None:
             mean, row_sums = mean.contiguous(), row_sums.contiguous()
-        tensors = (q, row_scale, weight_t, scale, bias, mean, row_sums, out)
+        tensors = (q, row_scale, weight_pairs, scale, bias, mean, row_sums, out)
         pointers = [t.data_ptr() if t is not None else None for t in tensors]
-        if self._library.exact_matmul(*pointers, rows, depth, weight_t.shape[1], torch.get_num_threads()):
+        if self._library.exact_matmul(*pointers, rows, depth, weight_pairs.shape[1], torch.get_num_threads()):
             raise MemoryError("exact_matmul: no memory for its scratch rows")
         return out
 
@@ -190,7 +193,7 @@ class NetworkKernels:
         eps: float,
     ) -> bool:
         """``layers.c``: a decoding step's Llama layers on ``x`` (B, C) float32 in place, ``shape`` = (layers,
-        heads, KV heads, hd), ``weights`` the (layers x 8,) addresses of each int8 matrix and its scales
+        heads, KV heads, hd), ``weights`` the (layers x 8,) addresses of each int8 matrix (paired rows) and its scales
         (q|k|v, o, gate|up, down), ``rope`` the cos and sin rows of position ``start``, ``cache`` all layers'
         keys, values (L, B', KV, capacity, hd) int8 and their scales (L, B', KV, capacity), ``activation``
         the table, its limit and grid. False when scratch memory could not be had (x, cache half done)."""

@@ -43,10 +43,29 @@ static void product_store(const product_job *job, int64_t row, int mr, int64_t c
  * 32 values: (w[2p][c], w[2p+1][c]) for c < 8, then for 8 <= c < 16 (zeros past nr and past depth). */
 static void product_pack_rest(const product_job *job, int64_t col, int nr, int64_t p, int16_t *packed);
 
+/* Pair p of the strip of columns col.. col + nr of a PAIRED weight, packed: its bytes (w[2p][c], w[2p+1][c])
+ * are the packed order already, 16 of them widened per 8 columns. */
+static inline void product_pack_pair(const product_job *job, int64_t p, int64_t col, int nr, int16_t *dst) {
+    const int8_t *src = job->w + (p * job->cols + col) * 2;
+#ifdef __AVX2__
+    if (nr == PRODUCT_COLS) {
+        _mm256_storeu_si256((__m256i *)dst, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)src)));
+        _mm256_storeu_si256((__m256i *)(dst + 16), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(src + 16))));
+        return;
+    }
+#endif
+    for (int c = 0; c < PRODUCT_COLS; c++)
+        for (int half = 0; half < 2; half++) dst[(c / 8) * 16 + (c % 8) * 2 + half] = c < nr ? src[2 * c + half] : 0;
+}
+
 static void product_pack(const product_job *job, int64_t col, int nr, int16_t *packed) {
     const int64_t pairs = (job->depth + 1) / 2;
     int64_t p = 0;
-    if (job->transposed) { /* column c is row col + c of w: its pairs are consecutive bytes */
+    if (job->layout == PRODUCT_PAIRED) {
+        for (; p < pairs; p++) product_pack_pair(job, p, col, nr, packed + p * 32);
+        return;
+    }
+    if (job->layout == PRODUCT_TRANSPOSED) { /* column c is row col + c of w: its pairs are consecutive bytes */
 #ifdef __AVX2__
         if (nr == PRODUCT_COLS && job->depth % 16 == 0) { /* 8 keys x 8 pairs at a time, transposed */
             for (int half = 0; half < 2; half++)
@@ -102,7 +121,16 @@ static void product_pack(const product_job *job, int64_t col, int nr, int16_t *p
 static void product_pack_strips(const product_job *job, int64_t col, int count, int16_t *packed) {
     const int64_t pairs = (job->depth + 1) / 2;
     const int last = (int)((job->cols - col - 1) / PRODUCT_COLS); /* the strip that may be partial */
-    if (job->transposed || count == 1 || last < count - 1 || (job->cols - col) < (int64_t)count * PRODUCT_COLS) {
+    if (job->layout == PRODUCT_PAIRED) { /* pair by pair: one run of 32 * count bytes each */
+        for (int64_t p = 0; p < pairs; p++)
+            for (int j = 0; j < count; j++) {
+                const int64_t c = col + j * PRODUCT_COLS;
+                const int nr = job->cols - c < PRODUCT_COLS ? (int)(job->cols - c) : PRODUCT_COLS;
+                product_pack_pair(job, p, c, nr, packed + j * pairs * 32 + p * 32);
+            }
+        return;
+    }
+    if (job->layout == PRODUCT_TRANSPOSED || count == 1 || last < count - 1 || (job->cols - col) < (int64_t)count * PRODUCT_COLS) {
         for (int j = 0; j < count; j++) {
             const int64_t c = col + j * PRODUCT_COLS;
             const int nr = job->cols - c < PRODUCT_COLS ? (int)(job->cols - c) : PRODUCT_COLS;
@@ -288,65 +316,64 @@ static inline __attribute__((always_inline)) void product_tile(const product_job
 #endif
 
 
-/* Rows 0.. mr (all of a job of at most PRODUCT_SMALL_ROWS rows) times pairs pair0.. pair1 of w's rows, all
- * columns, added to `sums` (mr x width int64): the weights read straight from w, front to back, each pair
- * of w's rows unpacked in registers to the int16 pairs vpmaddwd reads, every column's int32 sums waiting in
- * `part` (mr x width, in L1 or L2) for the next pair. A decoding step of one or a few rows reads every
- * weight once: a packed copy (product_run) then costs more than it saves (two thirds of the products' time
- * at one row), and strip by strip the reads jump between w's rows (a new page per row for the output
- * head's 49,152 columns). int32 sums never span more than one of job->block's blocks, as in product_tile. */
+#ifdef __AVX2__
+/* Pairs p.. p + count of a PAIRED weight's rows times rows 0.. mr, columns 0.. `vector_cols` (a multiple of
+ * 8), added to the int32 sums in `part` (mr x width): each 16 bytes of weights widened once for all rows,
+ * `count` pairs summed in registers before one pass over `part` (in L1 or L2). */
+static inline __attribute__((always_inline)) void product_small_pass(const product_job *job, const int mr, int64_t p,
+                                                                    const int count, int64_t vector_cols,
+                                                                    int64_t width, int32_t *part) {
+    __m256i x[PRODUCT_SMALL_PASS][PRODUCT_SMALL_ROWS];
+    for (int g = 0; g < count; g++)
+        for (int i = 0; i < mr; i++) {
+            int32_t pair;
+            memcpy(&pair, job->a + i * job->lda + 2 * (p + g), sizeof pair);
+            x[g][i] = _mm256_set1_epi32(pair);
+        }
+    const int8_t *rows = job->w + p * job->cols * 2;
+    for (int64_t c = 0; c < vector_cols; c += 8) {
+        __m256i b[PRODUCT_SMALL_PASS];
+        for (int g = 0; g < count; g++)
+            b[g] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows + (g * job->cols + c) * 2)));
+        for (int i = 0; i < mr; i++) {
+            __m256i total = _mm256_madd_epi16(x[0][i], b[0]);
+            for (int g = 1; g < count; g++) total = _mm256_add_epi32(total, _mm256_madd_epi16(x[g][i], b[g]));
+            __m256i *sum = (__m256i *)(part + i * width + c);
+            _mm256_storeu_si256(sum, _mm256_add_epi32(_mm256_loadu_si256(sum), total));
+        }
+    }
+}
+#endif
+
+/* Rows 0.. mr (all of a job of at most PRODUCT_SMALL_ROWS rows) times pairs pair0.. pair1 of a PAIRED
+ * weight's rows, all columns, into `sums` (mr x width int64): the weights read straight from w, front to
+ * back (one stream through memory), every column's int32 sums waiting in `part` (mr x width) for the next
+ * pass. A decoding step of one or a few rows reads every weight once: a packed copy (product_run) then
+ * costs more than it saves. int32 sums never span more than one of job->block's blocks, as in
+ * product_tile. */
 static inline __attribute__((always_inline)) void product_small_pairs(const product_job *job, const int mr,
                                                                      int64_t pair0, int64_t pair1, int64_t width,
                                                                      int32_t *part, int64_t *sums) {
-    const int64_t whole = job->depth / 2; /* pairs with both weights */
-    const int64_t full = job->cols / PRODUCT_COLS * PRODUCT_COLS;
     const int64_t block = (job->block + 1) / 2;
     for (int64_t p0 = pair0; p0 < pair1; p0 = (p0 / block + 1) * block) {
         const int64_t p1 = (p0 / block + 1) * block < pair1 ? (p0 / block + 1) * block : pair1;
         memset(part, 0, sizeof(int32_t) * mr * width);
-        int64_t p = p0;
 #ifdef __AVX2__
-        for (const int64_t end = p1 < whole ? p1 : whole; p < end; p += 2) { /* two pairs a pass over part */
-            const int both = p + 1 < end;
-            __m256i x[2][PRODUCT_SMALL_ROWS];
-            for (int h = 0; h < 1 + both; h++)
-                for (int i = 0; i < mr; i++) {
-                    int32_t pair;
-                    memcpy(&pair, job->a + i * job->lda + 2 * (p + h), sizeof pair);
-                    x[h][i] = _mm256_set1_epi32(pair);
-                }
-            const int8_t *rows = job->w + 2 * p * job->cols;
-            for (int64_t c = 0; c < full; c += PRODUCT_COLS) {
-                __m256i b[2][2];
-                for (int h = 0; h < 1 + both; h++) {
-                    const __m128i even = _mm_loadu_si128((const __m128i *)(rows + 2 * h * job->cols + c));
-                    const __m128i odd = _mm_loadu_si128((const __m128i *)(rows + (2 * h + 1) * job->cols + c));
-                    b[h][0] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(even, odd));
-                    b[h][1] = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(even, odd));
-                }
-                for (int i = 0; i < mr; i++)
-                    for (int k = 0; k < 2; k++) {
-                        __m256i *sum = (__m256i *)(part + i * width + c) + k;
-                        __m256i total = _mm256_add_epi32(_mm256_loadu_si256(sum), _mm256_madd_epi16(x[0][i], b[0][k]));
-                        if (both) total = _mm256_add_epi32(total, _mm256_madd_epi16(x[1][i], b[1][k]));
-                        _mm256_storeu_si256(sum, total);
-                    }
+        const int64_t vector_cols = job->cols / 8 * 8;
+        int64_t p = p0;
+        for (; p + PRODUCT_SMALL_PASS <= p1; p += PRODUCT_SMALL_PASS)
+            product_small_pass(job, mr, p, PRODUCT_SMALL_PASS, vector_cols, width, part);
+        for (; p < p1; p++) product_small_pass(job, mr, p, 1, vector_cols, width, part);
+#else
+        const int64_t vector_cols = 0;
+#endif
+        for (int64_t q = p0; q < p1; q++) { /* the columns the vectors left (all of them without AVX2) */
+            const int8_t *w = job->w + q * job->cols * 2;
+            for (int i = 0; i < mr; i++) {
+                const int32_t x0 = job->a[i * job->lda + 2 * q], x1 = job->a[i * job->lda + 2 * q + 1];
+                for (int64_t c = vector_cols; c < job->cols; c++) part[i * width + c] += x0 * w[2 * c] + x1 * w[2 * c + 1];
             }
         }
-        p = p1 < whole ? p1 : whole;
-        const int64_t vector_end = p, tail_from = full; /* pairs p0.. vector_end done for columns below `full` */
-#else
-        const int64_t vector_end = p0, tail_from = 0;
-#endif
-        for (int64_t q = p0; q < p1; q++) /* what the vectors left: an odd depth's last weight, a partial strip */
-            for (int half = 0; half < 2 && 2 * q + half < job->depth; half++) {
-                const int8_t *w = job->w + (2 * q + half) * job->cols;
-                const int64_t from = q < vector_end ? tail_from : 0;
-                for (int i = 0; i < mr; i++) {
-                    const int32_t x = job->a[i * job->lda + 2 * q + half];
-                    for (int64_t c = from; c < job->cols; c++) part[i * width + c] += x * w[c];
-                }
-            }
         if (p0 == pair0)
             for (int64_t k = 0; k < mr * width; k++) sums[k] = part[k];
         else
@@ -412,7 +439,8 @@ static int product_run_small(const product_job *job, int threads) {
 /* product_run (products.h): tiles of PRODUCT_TILE_ROWS rows times a run of column strips, between threads. */
 void product_run(const product_job *job, int threads) {
     if (job->rows == 0) return;
-    if (job->rows <= PRODUCT_SMALL_ROWS && !job->transposed && product_run_small(job, threads) == 0) return;
+    if (job->rows <= PRODUCT_SMALL_ROWS && job->layout == PRODUCT_PAIRED && product_run_small(job, threads) == 0)
+        return;
     const int64_t strips = (job->cols + PRODUCT_COLS - 1) / PRODUCT_COLS;
     const int64_t row_tiles = (job->rows + PRODUCT_TILE_ROWS - 1) / PRODUCT_TILE_ROWS;
     const int64_t wanted = 4 * (int64_t)threads; /* enough tiles that threads finish together */
@@ -472,8 +500,9 @@ void product_run(const product_job *job, int threads) {
 }
 
 /* ExactWeight's float32 output (rows, cols) for integer-valued float32 q (rows, depth) in [-32639, 32639]
- * with row scales (rows, 1), weights w (depth, cols) int8, scales (cols,), bias (cols,) or NULL; with
- * mean (rows,) and row_sums (cols,) float64 (LayerNorm), y = f32(f64(D) - mean * row_sums) instead.
+ * with row scales (rows, 1), weights w (depth, cols) int8 in the PAIRED layout (products.h), scales (cols,),
+ * bias (cols,) or NULL; with mean (rows,) and row_sums (cols,) float64 (LayerNorm),
+ * y = f32(f64(D) - mean * row_sums) instead.
  * Returns 0, or -1 when scratch memory could not be had (nothing written). */
 int exact_matmul(const float *q, const float *row_scale, const int8_t *w, const float *scale, const float *bias,
                  const double *mean, const double *row_sums, float *out, int64_t rows, int64_t depth, int64_t cols,
@@ -513,8 +542,9 @@ int exact_matmul(const float *q, const float *row_scale, const int8_t *w, const 
         return -1;
     }
     const int64_t block = narrow ? PRODUCT_DEPTH : depth;
-    product_job job = {a, lda, rows, depth, cols, w, 0, block, mean != NULL ? PRODUCT_MEAN : PRODUCT_DIRECT, NULL,
-                       pending_at, pending, row_scale, scale, bias, mean, row_sums, out};
+    const int mode = mean != NULL ? PRODUCT_MEAN : PRODUCT_DIRECT;
+    product_job job = {a, lda, rows, depth, cols, w, PRODUCT_PAIRED, block, mode, NULL, pending_at, pending,
+                       row_scale, scale, bias, mean, row_sums, out};
     product_run(&job, threads);
     if (slots) { /* the rows past the bound: H from their hi parts, then the spec's two roundings */
         for (int64_t r = 0; r < rows; r++) {
@@ -523,8 +553,8 @@ int exact_matmul(const float *q, const float *row_scale, const int8_t *w, const 
             slot_rows[slot] = r;
             for (int64_t k = 0; k < lda; k++) highs[slot * lda + k] = (int16_t)((a[r * lda + k] + 128) >> 8);
         }
-        product_job split = {highs, lda, slots, depth, cols, w, 0, depth, PRODUCT_SPLIT, slot_rows, NULL, pending,
-                             row_scale, scale, bias, NULL, NULL, out};
+        product_job split = {highs, lda, slots, depth, cols, w, PRODUCT_PAIRED, depth, PRODUCT_SPLIT, slot_rows,
+                             NULL,  pending, row_scale, scale, bias, NULL, NULL, out};
         product_run(&split, threads);
     }
     free(pending), free(highs), free(slot_rows), free(a), free(pending_at);

@@ -20,17 +20,25 @@
 #define PRODUCT_DEPTH 512     /* 512 * 32767 * 128 < 2^31 (rows of |a| <= 32767) */
 #define PRODUCT_TILE_ROWS 96  /* rows sharing one packed column strip */
 #define PRODUCT_SMALL_ROWS 4  /* jobs of at most this many rows read the weights unpacked (product_run_small) */
+#define PRODUCT_SMALL_PASS 8  /* pairs of weight rows product_run_small adds to its sums in one pass over them */
 #define PRODUCT_PACKED_STRIPS 4 /* strips packed together: a 64-byte line of each weight row */
 #define PRODUCT_EXACT_SUM (1 << 17) /* 128 * sum|part| < 2^24 */
 #define PRODUCT_INT32_SUM (1 << 24) /* 128 * sum|a| < 2^31 */
 
 enum product_mode { PRODUCT_DIRECT, PRODUCT_MEAN, PRODUCT_SPLIT };
 
+/* How w holds the (depth, cols) weight. PAIRED is the network's weights (exact_weights.pair_rows): rows 2p
+ * and 2p + 1 interleaved column by column, (depth + 1) / 2 rows of (w[2p][c], w[2p+1][c]) byte pairs, a
+ * zero row after an odd depth, so that 16 bytes widen to the int16 pairs of 8 columns vpmaddwd reads in
+ * one instruction (a decoding step reads every weight once: widening is most of its arithmetic). */
+enum product_layout { PRODUCT_PLAIN, PRODUCT_TRANSPOSED, PRODUCT_PAIRED };
+
 typedef struct {
     const int16_t *a; /* (rows, lda) int16, lda even, zero past depth */
     int64_t lda, rows, depth, cols;
-    const int8_t *w;  /* (depth, cols); with `transposed`, (cols, depth): attention's keys */
-    int transposed;
+    const int8_t *w;  /* PLAIN: (depth, cols), attention's values; TRANSPOSED: (cols, depth), its keys;
+                       * PAIRED: ((depth + 1) / 2, cols, 2), the network's weights */
+    int layout;       /* enum product_layout */
     int64_t block;    /* products summed in int32 at a time: PRODUCT_DEPTH, or more where every row's
                        * 128 sum|a| is below 2^31 (then no sum of its products can leave int32) */
     int mode;

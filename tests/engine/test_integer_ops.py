@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmpipe.engine import integer_ops
-from llmpipe.engine.integer_ops import ACT_MAX, int16_int8_matmul, quantize_rows, split_bytes
+from llmpipe.engine.integer_ops import ACT_MAX, int16_int8_matmul, pair_rows, quantize_rows, split_bytes, unpair_rows
 
 
 def _random_ints(seed: int, shape: tuple[int, ...], low: int, high: int) -> torch.Tensor:
@@ -24,6 +24,20 @@ def test_int16_int8_matmul_is_exact(seed, m, k, n, extreme):
         w = _random_ints(seed + 1, (k, n), -128, 127)
     high, low = int16_int8_matmul(q.float(), w.to(torch.int8))
     assert torch.equal(high.long() * 256 + low.long(), q @ w)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 40), st.integers(1, 40))
+def test_paired_rows_interleave_row_pairs_and_undo(seed, k, n):
+    """``pairs[p, c]`` is ``(w[2p, c], w[2p + 1, c])``, a zero after an odd K, and unpairing gives w back."""
+    w = _random_ints(seed, (k, n), -128, 127).to(torch.int8)
+    pairs = pair_rows(w)
+    assert pairs.shape == ((k + 1) // 2, n, 2) and pairs.is_contiguous()
+    for p in range(pairs.shape[0]):
+        assert torch.equal(pairs[p, :, 0], w[2 * p])
+        assert torch.equal(pairs[p, :, 1], w[2 * p + 1] if 2 * p + 1 < k else torch.zeros(n, dtype=torch.int8))
+    rows = unpair_rows(pairs)
+    assert rows.is_contiguous() and torch.equal(rows[:k], w) and not rows[k:].any()
 
 
 def test_float32_fallback_matches_int_mm():

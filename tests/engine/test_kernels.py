@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from llmpipe.engine import kernels as engine_kernels
 from llmpipe.engine.exact_transformer import ExactKVCache, ExactTransformer, _rms_norm_quantize
 from llmpipe.engine.exact_weights import ExactWeight, prepare_exact_weights
-from llmpipe.engine.integer_ops import ACT_MAX, kernels_for, quantize_rows_torch, split_bytes
+from llmpipe.engine.integer_ops import ACT_MAX, kernels_for, pair_rows, quantize_rows_torch, split_bytes
 from llmpipe.numerics import tables
 from llmpipe.numerics.tables import lookup
 from tests.conftest import ARCHITECTURES
@@ -134,10 +134,11 @@ def test_exact_matmul_gives_the_torch_paths_bits(built, seed, rows, depth, colum
     scale = torch.rand(columns, generator=generator) * 1e-2
     offsets = torch.randn(columns, generator=generator) if bias else None
     mean = torch.randn(rows, 1, generator=generator, dtype=torch.float64) * 50 if layer_norm else None
-    reference = ExactWeight(weight, scale, offsets)  # no kernels: the torch path
+    pairs = pair_rows(weight)
+    reference = ExactWeight(pairs, scale, offsets)  # no kernels: the torch path
     expected = reference(q, row_scale, mean)
     sums = reference.row_sums if layer_norm else None
-    assert torch.equal(built.exact_matmul(q, row_scale, weight, scale, offsets, mean, sums), expected)
+    assert torch.equal(built.exact_matmul(q, row_scale, pairs, scale, offsets, mean, sums), expected)
 
 
 @needs_compiler
@@ -160,7 +161,7 @@ def test_exact_matmul_rows_past_the_bound_take_the_specs_two_roundings(built):
     spec = exact_high.float() * 256 + exact_low.float()
     assert (once != spec).any(), "the case must reach where the two roundings differ"
     ones = torch.ones(4, 1), torch.ones(64)
-    assert torch.equal(built.exact_matmul(q, ones[0], weight, ones[1], None), spec)
+    assert torch.equal(built.exact_matmul(q, ones[0], pair_rows(weight), ones[1], None), spec)
 
 
 @needs_compiler
@@ -173,12 +174,13 @@ def test_a_few_rows_split_between_threads_give_the_torch_paths_bits(built, rows)
     q = (torch.randint(0, 2, (rows, 1100), generator=generator).float() * 2 - 1) * ACT_MAX
     weight = torch.randint(-127, 128, (1100, 600), generator=generator, dtype=torch.int8)
     row_scale, scale = torch.rand(rows, 1, generator=generator) * 1e-3, torch.rand(600, generator=generator) * 1e-2
-    expected = ExactWeight(weight, scale, None)(q, row_scale)
+    pairs = pair_rows(weight)
+    expected = ExactWeight(pairs, scale, None)(q, row_scale)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for _ in range(10):
-            assert torch.equal(built.exact_matmul(q, row_scale, weight, scale, None), expected)
+            assert torch.equal(built.exact_matmul(q, row_scale, pairs, scale, None), expected)
     finally:
         torch.set_num_threads(threads)
 
