@@ -290,6 +290,7 @@ static int attention_tile(const int16_t *q, const float *qscale, const int8_t *k
 }
 
 #define ATTENTION_TILE 16 /* queries of one row attended together (as products) in full-sequence passes */
+#define ATTENTION_PARALLEL_MIN (1 << 15) /* head-positions x hd below which a step's attention takes one thread */
 
 /* Returns 0, or -1 when scratch memory could not be had. */
 int attention(const int16_t *q, const float *qscale, const int8_t *keys, const int8_t *values,
@@ -310,39 +311,40 @@ int attention(const int16_t *q, const float *qscale, const int8_t *keys, const i
             }
         return failed ? -1 : 0;
     }
-#pragma omp parallel num_threads(threads) reduction(| : failed) if (rows * queries * length * hd >= PARALLEL_MIN)
+    /* heads sharing one pass over their keys; one at a time where a step has too few rows to share out
+     * between the threads otherwise (a decoding step of one row: 3 key/value heads of SmolLM2 for 2 threads) */
+    const int64_t per = rows * queries >= 4 * (int64_t)threads ? MAX_SHARED_GROUP : 1;
+    const int64_t chunks = (group + per - 1) / per, tasks = rows * queries * chunks;
+#pragma omp parallel num_threads(threads) reduction(| : failed) if (tasks * per * length * hd >= ATTENTION_PARALLEL_MIN)
     {
-        float *scratch = malloc(sizeof(float) * MAX_SHARED_GROUP * length);
+        float *scratch = malloc(sizeof(float) * per * length);
         failed = scratch == NULL;
-#pragma omp for schedule(dynamic) collapse(2)
-        for (int64_t n = 0; n < rows; n++) {
-            for (int64_t i = 0; i < queries; i++) {
-                if (scratch == NULL) continue;
-                const float *ks = key_scales + n * scale_stride;
-                const float *vs = value_scales + n * scale_stride;
-                const int8_t *kn = keys + n * kv_stride, *vn = values + n * kv_stride;
-                const int64_t visible = length - queries + 1 + i; /* query i sees this many positions */
-                float common = vs[0];
-                for (int64_t s = 1; s < visible; s++) common = vs[s] > common ? vs[s] : common;
-                for (int64_t g0 = 0; g0 < group; g0 += MAX_SHARED_GROUP) { /* the heads, a few at a time */
-                    const int64_t count = group - g0 < MAX_SHARED_GROUP ? group - g0 : MAX_SHARED_GROUP;
-                    const int16_t *heads[MAX_SHARED_GROUP];
-                    float scales[MAX_SHARED_GROUP], *scores[MAX_SHARED_GROUP], *outs[MAX_SHARED_GROUP];
-                    for (int64_t g = 0; g < count; g++) {
-                        const int64_t at = (n * group + g0 + g) * queries + i;
-                        heads[g] = q + at * hd;
-                        scales[g] = qscale[at];
-                        scores[g] = scratch + g * length;
-                        outs[g] = out + at * hd;
-                    }
-                    if (hd == 64)
-                        heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, 64, visible);
-                    else if (hd == 128)
-                        heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, 128, visible);
-                    else
-                        heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, hd, visible);
-                }
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (scratch == NULL) continue;
+            const int64_t n = task / (queries * chunks), i = task / chunks % queries, g0 = task % chunks * per;
+            const float *ks = key_scales + n * scale_stride;
+            const float *vs = value_scales + n * scale_stride;
+            const int8_t *kn = keys + n * kv_stride, *vn = values + n * kv_stride;
+            const int64_t visible = length - queries + 1 + i; /* query i sees this many positions */
+            float common = vs[0];
+            for (int64_t s = 1; s < visible; s++) common = vs[s] > common ? vs[s] : common;
+            const int64_t count = group - g0 < per ? group - g0 : per;
+            const int16_t *heads[MAX_SHARED_GROUP];
+            float scales[MAX_SHARED_GROUP], *scores[MAX_SHARED_GROUP], *outs[MAX_SHARED_GROUP];
+            for (int64_t g = 0; g < count; g++) {
+                const int64_t at = (n * group + g0 + g) * queries + i;
+                heads[g] = q + at * hd;
+                scales[g] = qscale[at];
+                scores[g] = scratch + g * length;
+                outs[g] = out + at * hd;
             }
+            if (hd == 64)
+                heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, 64, visible);
+            else if (hd == 128)
+                heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, 128, visible);
+            else
+                heads_attention(heads, scales, scores, outs, count, kn, vn, ks, vs, common, exp, table_len, hd, visible);
         }
         free(scratch);
     }
