@@ -22,7 +22,7 @@ from llmpipe.models.config import ModelConfig
 from llmpipe.numerics import tables
 
 MATRICES = ("qkv", "o", "gate_up", "down")
-SMALL_STEP_ROWS = 4
+SMALL_STEP_ROWS = 8
 """Steps of at most this many rows always take this path; larger ones where the fused int16 products are
 the faster ones here (``integer_ops.fused_products_win``), which the layers here always use."""
 

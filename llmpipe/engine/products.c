@@ -415,12 +415,16 @@ static int product_run_small(const product_job *job, int threads) {
                 PRODUCT_SMALL_CASE(2)
                 PRODUCT_SMALL_CASE(3)
                 PRODUCT_SMALL_CASE(4)
+                PRODUCT_SMALL_CASE(5)
+                PRODUCT_SMALL_CASE(6)
+                PRODUCT_SMALL_CASE(7)
+                PRODUCT_SMALL_CASE(8)
             }
         }
 #pragma omp for schedule(static)
         for (int64_t s = 0; s < strips; s++) {
             const int64_t col = s * PRODUCT_COLS;
-            int64_t strip[PRODUCT_ROWS][PRODUCT_COLS];
+            int64_t strip[PRODUCT_SMALL_ROWS][PRODUCT_COLS];
             for (int i = 0; i < mr; i++)
                 for (int j = 0; j < PRODUCT_COLS; j++) {
                     int64_t total = 0;
