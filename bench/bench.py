@@ -6,7 +6,7 @@
     python bench/bench.py roofline --name roofline
     python bench/bench.py backup --name backup [--bytes N]
     python bench/bench.py resumable --name enwik8-4mb [--file F] [--budget SECONDS]
-    python bench/bench.py small-files --name small-files [--before COMMIT]
+    python bench/bench.py small-files --name small-files [--before COMMIT [--repeats N] [--before-only]]
     python bench/bench.py scale-out --name scale-out [--bytes N] [--chunk-size B] [--batch N] [--ray]
     python bench/bench.py sweep --name chunks --file enwik/enwik8_first_1000000 --bytes N
     python bench/bench.py report --write BENCHMARKS.md
@@ -89,7 +89,10 @@ def main() -> None:
     sweeper.add_argument("--file", default="enwik/enwik8_first_1000000")
     sweeper.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
     sub.choices["step-rows"].add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
-    sub.choices["small-files"].add_argument("--before", help="also time the 4 KB slices with llmpipe at this commit")
+    files = sub.choices["small-files"]
+    files.add_argument("--before", help="also time the 4 KB slices with llmpipe at this commit")
+    files.add_argument("--repeats", type=int, default=3, help="decodes of each slice, then and now, in turns")
+    files.add_argument("--before-only", action="store_true", help="only --before, into the stored run")
     scaler = sub.choices["scale-out"]
     scaler.add_argument("--file", default="enwik/enwik8_first_1000000")
     scaler.add_argument("--chunk-size", type=int, default=8192)

@@ -3,7 +3,8 @@ row's first tokens cost; how long a small file takes to decode, and to start.
 
 Slices are each file's first N bytes. Decode seconds are the decoder's alone, the model loaded (a fresh
 command adds the start-up measured in its own table); ``--before COMMIT`` times the same 4 KB slices with
-an earlier llmpipe, checked out into a temporary git worktree, for the "today" of issue 22.
+an earlier llmpipe, checked out into a temporary git worktree, for the "today" of issue 22, in turns with
+this one (``--repeats``); ``--before-only`` runs that part alone into the stored run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import brotli
 
-from bench.common import CORPUS, ROOT, archive_layout, corpus_slices, save
+from bench.common import CORPUS, RESULTS, ROOT, archive_layout, corpus_slices, save
 from llmpipe.models import cache
 from llmpipe.pipeline.blocks import TWO_ROWS_FROM
 from llmpipe.pipeline.compress import Compressor
@@ -68,6 +70,9 @@ def _timed(function, *arguments, **options):
 
 
 def small_files(args: argparse.Namespace) -> None:
+    if args.before_only:
+        before_only(args)
+        return
     model = cache.load(args.model)
     compressor = Compressor(model, threads=args.threads)
     decompressor = Decompressor(model, threads=args.threads)
@@ -125,7 +130,7 @@ def small_files(args: argparse.Namespace) -> None:
     result["many"] = many_files(args)
     save(args.name, result)
     if args.before:
-        result["before"] = before(args.before, args.threads)
+        result["before"] = before(args.before, args.threads, args.repeats)
     save(args.name, result)
 
 
@@ -206,20 +211,54 @@ for path in sys.argv[2:]:
 """
 
 
-def before(commit: str, threads: int) -> dict:
-    """The 4 KB slices of TEXTS compressed and decoded by llmpipe at ``commit`` (a temporary worktree)."""
-    paths = [str(CORPUS / t) for t in TEXTS if (CORPUS / t).exists()]
+def before(commit: str, threads: int, repeats: int) -> dict:
+    """The 4 KB slices of TEXTS decoded by llmpipe at ``commit`` (a temporary worktree, its own archives) and
+    by this llmpipe, in turns, ``repeats`` times each: the fastest of each, since this machine's speed drifts
+    by 20% within minutes and both should see the same drift."""
+    model = cache.load(None)
+    compressor, decompressor = Compressor(model, threads=threads), Decompressor(model, threads=threads)
+    slices = list(corpus_slices(TEXTS, 4096))
+    archives = {relative: compressor.compress(data) for relative, data in slices}
+    then: dict[str, list[dict]] = {relative: [] for relative, _ in slices}
+    now: dict[str, list[float]] = {relative: [] for relative, _ in slices}
     with tempfile.TemporaryDirectory() as folder:
         tree = Path(folder) / "llmpipe"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), commit], check=True)
         try:
-            command = [sys.executable, "-c", BEFORE_SCRIPT, str(threads), *paths]
-            environment = {**os.environ, "PYTHONPATH": str(tree)}
-            done = subprocess.run(command, cwd=tree, env=environment, capture_output=True, check=True)
+            for _ in range(repeats):
+                command = [sys.executable, "-c", BEFORE_SCRIPT, str(threads), *(str(CORPUS / t) for t in then)]
+                environment = {**os.environ, "PYTHONPATH": str(tree)}
+                done = subprocess.run(command, cwd=tree, env=environment, capture_output=True, check=True)
+                for relative, line in zip(then, done.stdout.decode().splitlines(), strict=True):
+                    then[relative].append(json.loads(line))
+                for relative, data in slices:
+                    restored, seconds = _timed(decompressor.decompress, archives[relative])
+                    if restored != data:
+                        raise SystemExit("round trip FAILED")
+                    now[relative].append(seconds)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
-    rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
-    return {"commit": commit, "rows": [{"file": t, **r} for t, r in zip(TEXTS, rows, strict=True)]}
+    rows = [
+        {
+            "file": relative,
+            "archive_bytes": runs[0]["archive_bytes"],
+            "decompress_s": min(run["decompress_s"] for run in runs),
+            "now_archive_bytes": len(archives[relative]),
+            "now_decompress_s": min(now[relative]),
+        }
+        for relative, runs in then.items()
+    ]
+    command = shlex.join(["python", "bench/bench.py", *sys.argv[1:]])
+    return {"commit": commit, "repeats": repeats, "command": command, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+
+
+def before_only(args: argparse.Namespace) -> None:
+    """``--before-only``: the comparison with an earlier commit run again, into the stored run."""
+    path = RESULTS / f"{args.name}.json"
+    result = json.loads(path.read_text())
+    result["before"] = before(args.before, args.threads, args.repeats)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
 
 
 def section(run: dict, table_head) -> list[str]:
@@ -302,19 +341,18 @@ def section(run: dict, table_head) -> list[str]:
             f"{many['decompress_s']:.0f} s ({many['decompress_s'] / many['decoded_files']:.1f} s a file).",
         ]
     if run.get("before"):
-        earlier = {r["file"]: r for r in run["before"]["rows"]}
-        now = {r["file"]: r for r in run["sizes"] if r["bytes"] == 4096}
+        earlier = run["before"]
+        rows = {r["file"]: r["rows"] for r in run["sizes"] if r["bytes"] == 4096}
         lines += [
             "",
-            f"4 KB slices against llmpipe at commit {run['before']['commit']} (one row, format version 2), "
-            "both measured here the same day:",
+            f"4 KB slices against llmpipe at commit {earlier['commit']} (one row, format version 2), decoded in "
+            f"turns, the fastest of {earlier['repeats']} each (`{earlier['command']}`, {earlier['date']}):",
         ]
         lines += table_head("| file | then bytes | then decode s | now bytes | now rows | now decode s | time |")
-        for file, then in earlier.items():
-            mine = now.get(file)
-            if mine:
-                lines.append(
-                    f"| {file} | {then['archive_bytes']} | {then['decompress_s']:.1f} | {mine['archive_bytes']} | "
-                    f"{mine['rows']} | {mine['decompress_s']:.1f} | {mine['decompress_s'] / then['decompress_s']:.2f} |"
-                )
+        for r in earlier["rows"]:
+            lines.append(
+                f"| {r['file']} | {r['archive_bytes']} | {r['decompress_s']:.1f} | {r['now_archive_bytes']} | "
+                f"{rows.get(r['file'], '-')} | {r['now_decompress_s']:.1f} | "
+                f"{r['now_decompress_s'] / r['decompress_s']:.2f} |"
+            )
     return lines
