@@ -17,8 +17,8 @@ static void quantized_scales(const float *amax, float *scale, int64_t rows, floa
 /* The residual rows x (rows, hidden) float32 after `layers` layers at position `start` (the cache's
  * length; its keys and values for it are written). weights: per layer LAYER_MATRICES pairs of
  * addresses, the int8 (K, N) matrix (PAIRED, products.h) then its float32 (N,) scales, for the fused
- * q|k|v, o, fused gate|up and down matmuls (no biases). cos/sin: the `rotary` RoPE values of position `start`. The
- * cache planes are (layers, cache_rows, kv_heads, capacity, hd) int8 and (..., capacity) float32.
+ * q|k|v, o, fused gate|up and down matmuls (no biases). cos/sin: the `rotary` RoPE values of position
+ * `start`. The cache planes are (layers, cache_rows, kv_heads, capacity, hd) int8 and (..., capacity) float32.
  * Returns 0, or -1 when scratch memory could not be had (the step must then be run again another way:
  * x and the cache may be half updated). */
 int decode_layers(float *x, int64_t rows, int64_t hidden, int64_t layers, const int64_t *weights, int64_t heads,

@@ -39,8 +39,9 @@ static void product_store(const product_job *job, int64_t row, int mr, int64_t c
     }
 }
 
-/* Columns col.. col+nr of k-pairs 0..depth/2 as int16 pairs, the layout vpmaddwd reads: for pair p,
- * 32 values: (w[2p][c], w[2p+1][c]) for c < 8, then for 8 <= c < 16 (zeros past nr and past depth). */
+/* Columns col.. col+nr of k-pairs 0..depth/2 of a PLAIN or TRANSPOSED weight as int16 pairs, the layout
+ * vpmaddwd reads: for pair p, 32 values: (w[2p][c], w[2p+1][c]) for c < 8, then for 8 <= c < 16 (zeros
+ * past nr and past depth). PAIRED weights hold that order already (product_pack_pair). */
 static void product_pack_rest(const product_job *job, int64_t col, int nr, int64_t p, int16_t *packed);
 
 /* Pair p of the strip of columns col.. col + nr of a PAIRED weight, packed: its bytes (w[2p][c], w[2p+1][c])
@@ -61,10 +62,6 @@ static inline void product_pack_pair(const product_job *job, int64_t p, int64_t 
 static void product_pack(const product_job *job, int64_t col, int nr, int16_t *packed) {
     const int64_t pairs = (job->depth + 1) / 2;
     int64_t p = 0;
-    if (job->layout == PRODUCT_PAIRED) {
-        for (; p < pairs; p++) product_pack_pair(job, p, col, nr, packed + p * 32);
-        return;
-    }
     if (job->layout == PRODUCT_TRANSPOSED) { /* column c is row col + c of w: its pairs are consecutive bytes */
 #ifdef __AVX2__
         if (nr == PRODUCT_COLS && job->depth % 16 == 0) { /* 8 keys x 8 pairs at a time, transposed */
@@ -130,7 +127,8 @@ static void product_pack_strips(const product_job *job, int64_t col, int count, 
             }
         return;
     }
-    if (job->layout == PRODUCT_TRANSPOSED || count == 1 || last < count - 1 || (job->cols - col) < (int64_t)count * PRODUCT_COLS) {
+    const int partial = last < count - 1 || (job->cols - col) < (int64_t)count * PRODUCT_COLS;
+    if (job->layout == PRODUCT_TRANSPOSED || count == 1 || partial) {
         for (int j = 0; j < count; j++) {
             const int64_t c = col + j * PRODUCT_COLS;
             const int nr = job->cols - c < PRODUCT_COLS ? (int)(job->cols - c) : PRODUCT_COLS;
@@ -371,7 +369,8 @@ static inline __attribute__((always_inline)) void product_small_pairs(const prod
             const int8_t *w = job->w + q * job->cols * 2;
             for (int i = 0; i < mr; i++) {
                 const int32_t x0 = job->a[i * job->lda + 2 * q], x1 = job->a[i * job->lda + 2 * q + 1];
-                for (int64_t c = vector_cols; c < job->cols; c++) part[i * width + c] += x0 * w[2 * c] + x1 * w[2 * c + 1];
+                for (int64_t c = vector_cols; c < job->cols; c++)
+                    part[i * width + c] += x0 * w[2 * c] + x1 * w[2 * c + 1];
             }
         }
         if (p0 == pair0)
