@@ -220,73 +220,99 @@ static inline __attribute__((always_inline)) void heads_attention(
     }
 }
 
+/* One thread's scratch for attention_tile, made once per call of `attention` for the longest span: a
+ * full-sequence pass has hundreds of tiles per row, and scratch of a few hundred KB made and freed per
+ * tile went back to the kernel each time (a quarter of the attention's time in page faults). */
+typedef struct {
+    int16_t *rows, *weights, *packed; /* packed: product_run's, for a depth of hd or the span */
+    float *row_factor, *ones, *scores, *mixed;
+    uint8_t *whole;
+} tile_scratch;
+
+static void tile_scratch_free(tile_scratch *t) {
+    free(t->rows), free(t->weights), free(t->packed), free(t->row_factor), free(t->ones), free(t->scores);
+    free(t->mixed), free(t->whole);
+}
+
+/* Room for tiles of up to m query rows, spans up to `length` and head size hd; 0, or -1 (all freed). */
+static int tile_scratch_make(tile_scratch *t, int64_t m, int64_t length, int64_t hd) {
+    const int64_t lda = length + (length & 1), depth = length > hd ? length : hd;
+    t->rows = malloc(sizeof(int16_t) * m * hd);
+    t->weights = malloc(sizeof(int16_t) * m * lda);
+    t->packed = malloc(sizeof(int16_t) * product_scratch_size(depth));
+    t->row_factor = malloc(sizeof(float) * m);
+    t->ones = malloc(sizeof(float) * hd);
+    t->scores = malloc(sizeof(float) * m * length);
+    t->mixed = malloc(sizeof(float) * m * hd);
+    t->whole = malloc(m);
+    if (t->rows && t->weights && t->packed && t->row_factor && t->ones && t->scores && t->mixed && t->whole) {
+        for (int64_t d = 0; d < hd; d++) t->ones[d] = 1.0f;
+        return 0;
+    }
+    tile_scratch_free(t);
+    return -1;
+}
+
 /* The attention of `tile` consecutive queries (from query i0) of one row, for all its heads, as two exact
  * products on the tiles above: the scores of the G x tile query rows against the visible keys (the keys
  * as a transposed weight), then query_weights per query, then the int16 weights against the values. The
  * same integers and float operations as the per-query loops, so the same bits. Positions past a query's
  * own visible ones get weight 0 (the products cover the tile's last query's span). A query whose
  * weights hold 2^15 (one position taking it all), which int16 cannot, is mixed by query_mix. */
-static int attention_tile(const int16_t *q, const float *qscale, const int8_t *kn, const int8_t *vn, const float *ks,
-                          const float *vs, const float *exp, int64_t table_len, float *out, int64_t n, int64_t group,
-                          int64_t queries, int64_t hd, int64_t length, int64_t i0, int64_t tile) {
+static void attention_tile(const int16_t *q, const float *qscale, const int8_t *kn, const int8_t *vn, const float *ks,
+                           const float *vs, const float *exp, int64_t table_len, float *out, int64_t n, int64_t group,
+                           int64_t queries, int64_t hd, int64_t length, int64_t i0, int64_t tile,
+                           const tile_scratch *t) {
     const int64_t first = length - queries + 1;         /* what query 0 sees */
     const int64_t span = first + i0 + tile - 1;         /* what the tile's last query sees */
     const int64_t m = group * tile, lda = span + (span & 1);
-    int16_t *rows = malloc(sizeof(int16_t) * m * hd);
-    float *row_factor = malloc(sizeof(float) * m), *ones = malloc(sizeof(float) * hd);
-    float *scores = malloc(sizeof(float) * m * span), *mixed = malloc(sizeof(float) * m * hd);
-    int16_t *weights = malloc(sizeof(int16_t) * m * lda);
-    uint8_t *whole = malloc(m);
-    int ok = rows && row_factor && ones && scores && mixed && weights && whole;
-    if (ok) {
-        for (int64_t g = 0; g < group; g++)
-            for (int64_t i = 0; i < tile; i++) {
-                const int64_t at = (n * group + g) * queries + i0 + i;
-                memcpy(rows + (g * tile + i) * hd, q + at * hd, sizeof(int16_t) * hd);
-                row_factor[g * tile + i] = qscale[at];
-            }
-        for (int64_t d = 0; d < hd; d++) ones[d] = 1.0f;
-        const product_job scoring = {rows, hd, m, hd, span, kn, PRODUCT_TRANSPOSED, PRODUCT_DEPTH, PRODUCT_DIRECT,
-                                     NULL, NULL, NULL, row_factor, ks, NULL, NULL, NULL, scores};
-        product_run(&scoring, 1);
-        float common = vs[0];
-        for (int64_t s = 1; s < first + i0 - 1; s++) common = vs[s] > common ? vs[s] : common;
+    int16_t *rows = t->rows, *weights = t->weights;
+    float *row_factor = t->row_factor, *scores = t->scores, *mixed = t->mixed;
+    uint8_t *whole = t->whole;
+    for (int64_t g = 0; g < group; g++)
         for (int64_t i = 0; i < tile; i++) {
-            const int64_t visible = first + i0 + i;
-            common = vs[visible - 1] > common ? vs[visible - 1] : common;
-            for (int64_t g = 0; g < group; g++) {
-                const int64_t r = g * tile + i;
-                float *row = scores + r * span;
-                query_weights(row, vs, common, exp, table_len, visible);
-                const int32_t *w = (const int32_t *)row;
-                int32_t top = 0;
-                for (int64_t s = 0; s < visible; s++) {
-                    weights[r * lda + s] = (int16_t)w[s];
-                    top = w[s] > top ? w[s] : top;
-                }
-                for (int64_t s = visible; s < lda; s++) weights[r * lda + s] = 0;
-                whole[r] = top >= 32768;
-                if (whole[r]) /* int16 cannot hold it: mixed on its own below, no part of the product */
-                    for (int64_t s = 0; s < lda; s++) weights[r * lda + s] = 0;
-                row_factor[r] = common * (1.0f / 32768.0f);
-            }
+            const int64_t at = (n * group + g) * queries + i0 + i;
+            memcpy(rows + (g * tile + i) * hd, q + at * hd, sizeof(int16_t) * hd);
+            row_factor[g * tile + i] = qscale[at];
         }
-        /* a row's weights sum to at most 2^15 + span / 2, so 128 times that stays in int32 (span < 2^24) */
-        const product_job mixing = {weights, lda, m, span, hd, vn, PRODUCT_PLAIN, span, PRODUCT_DIRECT,
-                                    NULL, NULL, NULL, row_factor, ones, NULL, NULL, NULL, mixed};
-        product_run(&mixing, 1);
-        for (int64_t g = 0; g < group; g++)
-            for (int64_t i = 0; i < tile; i++) {
-                const int64_t r = g * tile + i;
-                float *to = out + ((n * group + g) * queries + i0 + i) * hd;
-                if (whole[r])
-                    query_mix((const int32_t *)(scores + r * span), vn, row_factor[r], to, hd, first + i0 + i);
-                else
-                    memcpy(to, mixed + r * hd, sizeof(float) * hd);
+    const product_job scoring = {rows, hd, m, hd, span, kn, PRODUCT_TRANSPOSED, PRODUCT_DEPTH, PRODUCT_DIRECT,
+                                 NULL, NULL, NULL, row_factor, ks, NULL, NULL, NULL, scores};
+    product_run(&scoring, 1, t->packed);
+    float common = vs[0];
+    for (int64_t s = 1; s < first + i0 - 1; s++) common = vs[s] > common ? vs[s] : common;
+    for (int64_t i = 0; i < tile; i++) {
+        const int64_t visible = first + i0 + i;
+        common = vs[visible - 1] > common ? vs[visible - 1] : common;
+        for (int64_t g = 0; g < group; g++) {
+            const int64_t r = g * tile + i;
+            float *row = scores + r * span;
+            query_weights(row, vs, common, exp, table_len, visible);
+            const int32_t *w = (const int32_t *)row;
+            int32_t top = 0;
+            for (int64_t s = 0; s < visible; s++) {
+                weights[r * lda + s] = (int16_t)w[s];
+                top = w[s] > top ? w[s] : top;
             }
+            for (int64_t s = visible; s < lda; s++) weights[r * lda + s] = 0;
+            whole[r] = top >= 32768;
+            if (whole[r]) /* int16 cannot hold it: mixed on its own below, no part of the product */
+                for (int64_t s = 0; s < lda; s++) weights[r * lda + s] = 0;
+            row_factor[r] = common * (1.0f / 32768.0f);
+        }
     }
-    free(rows), free(row_factor), free(ones), free(scores), free(mixed), free(weights), free(whole);
-    return ok ? 0 : -1;
+    /* a row's weights sum to at most 2^15 + span / 2, so 128 times that stays in int32 (span < 2^24) */
+    const product_job mixing = {weights, lda, m, span, hd, vn, PRODUCT_PLAIN, span, PRODUCT_DIRECT,
+                                NULL, NULL, NULL, row_factor, t->ones, NULL, NULL, NULL, mixed};
+    product_run(&mixing, 1, t->packed);
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t i = 0; i < tile; i++) {
+            const int64_t r = g * tile + i;
+            float *to = out + ((n * group + g) * queries + i0 + i) * hd;
+            if (whole[r])
+                query_mix((const int32_t *)(scores + r * span), vn, row_factor[r], to, hd, first + i0 + i);
+            else
+                memcpy(to, mixed + r * hd, sizeof(float) * hd);
+        }
 }
 
 #define ATTENTION_TILE 16 /* queries of one row attended together (as products) in full-sequence passes */
@@ -300,15 +326,22 @@ int attention(const int16_t *q, const float *qscale, const int8_t *keys, const i
     int failed = 0;
     if (queries >= ATTENTION_TILE) {
         const int64_t tiles = (queries + ATTENTION_TILE - 1) / ATTENTION_TILE;
-#pragma omp parallel for num_threads(threads) schedule(dynamic) collapse(2) reduction(| : failed)
-        for (int64_t n = 0; n < rows; n++)
-            for (int64_t t = 0; t < tiles; t++) {
-                const int64_t i0 = t * ATTENTION_TILE;
-                const int64_t tile = queries - i0 < ATTENTION_TILE ? queries - i0 : ATTENTION_TILE;
-                failed |= attention_tile(q, qscale, keys + n * kv_stride, values + n * kv_stride,
-                                         key_scales + n * scale_stride, value_scales + n * scale_stride, exp,
-                                         table_len, out, n, group, queries, hd, length, i0, tile);
-            }
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            tile_scratch scratch;
+            failed = tile_scratch_make(&scratch, group * ATTENTION_TILE, length, hd);
+#pragma omp for schedule(dynamic) collapse(2)
+            for (int64_t n = 0; n < rows; n++)
+                for (int64_t t = 0; t < tiles; t++) {
+                    if (failed) continue;
+                    const int64_t i0 = t * ATTENTION_TILE;
+                    const int64_t tile = queries - i0 < ATTENTION_TILE ? queries - i0 : ATTENTION_TILE;
+                    attention_tile(q, qscale, keys + n * kv_stride, values + n * kv_stride,
+                                   key_scales + n * scale_stride, value_scales + n * scale_stride, exp, table_len, out,
+                                   n, group, queries, hd, length, i0, tile, &scratch);
+                }
+            if (!failed) tile_scratch_free(&scratch);
+        }
         return failed ? -1 : 0;
     }
     /* heads sharing one pass over their keys; one at a time where a step has too few rows to share out

@@ -440,10 +440,12 @@ static int product_run_small(const product_job *job, int threads) {
 }
 
 /* product_run (products.h): tiles of PRODUCT_TILE_ROWS rows times a run of column strips, between threads. */
-void product_run(const product_job *job, int threads) {
-    if (job->rows == 0) return;
+int64_t product_scratch_size(int64_t depth) { return ((depth + 1) / 2) * 2 * PRODUCT_COLS * PRODUCT_PACKED_STRIPS; }
+
+int product_run(const product_job *job, int threads, int16_t *scratch) {
+    if (job->rows == 0) return 0;
     if (job->rows <= PRODUCT_SMALL_ROWS && job->layout == PRODUCT_PAIRED && product_run_small(job, threads) == 0)
-        return;
+        return 0;
     const int64_t strips = (job->cols + PRODUCT_COLS - 1) / PRODUCT_COLS;
     const int64_t row_tiles = (job->rows + PRODUCT_TILE_ROWS - 1) / PRODUCT_TILE_ROWS;
     const int64_t wanted = 4 * (int64_t)threads; /* enough tiles that threads finish together */
@@ -451,12 +453,16 @@ void product_run(const product_job *job, int threads) {
     per = per < 1 ? 1 : (per > 16 ? 16 : per);
     const int64_t col_tiles = (strips + per - 1) / per;
     const int64_t strip_size = ((job->depth + 1) / 2) * 2 * PRODUCT_COLS;
-#pragma omp parallel num_threads(threads) if (threads > 1 && job->rows * job->depth * job->cols >= PARALLEL_MIN)
+    const int parallel = threads > 1 && job->rows * job->depth * job->cols >= PARALLEL_MIN;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (parallel) reduction(| : failed)
     {
-        int16_t *packed = malloc(sizeof(int16_t) * strip_size * PRODUCT_PACKED_STRIPS);
+        int16_t *packed = scratch != NULL && !parallel ? scratch : malloc(sizeof(int16_t) * product_scratch_size(job->depth));
+        failed = packed == NULL;
 #pragma omp for schedule(dynamic) collapse(2)
         for (int64_t rt = 0; rt < row_tiles; rt++)
             for (int64_t ct = 0; ct < col_tiles; ct++) {
+                if (failed) continue;
                 const int64_t row0 = rt * PRODUCT_TILE_ROWS;
                 const int64_t row1 = row0 + PRODUCT_TILE_ROWS < job->rows ? row0 + PRODUCT_TILE_ROWS : job->rows;
                 const int64_t s1 = (ct + 1) * per < strips ? (ct + 1) * per : strips;
@@ -498,15 +504,16 @@ void product_run(const product_job *job, int threads) {
                     }
                 }
             }
-        free(packed);
+        if (packed != scratch) free(packed);
     }
+    return failed ? -1 : 0;
 }
 
 /* ExactWeight's float32 output (rows, cols) for integer-valued float32 q (rows, depth) in [-32639, 32639]
  * with row scales (rows, 1), weights w (depth, cols) int8 in the PAIRED layout (products.h), scales (cols,),
  * bias (cols,) or NULL; with mean (rows,) and row_sums (cols,) float64 (LayerNorm),
  * y = f32(f64(D) - mean * row_sums) instead.
- * Returns 0, or -1 when scratch memory could not be had (nothing written). */
+ * Returns 0, or -1 when scratch memory could not be had (the output is then incomplete). */
 int exact_matmul(const float *q, const float *row_scale, const int8_t *w, const float *scale, const float *bias,
                  const double *mean, const double *row_sums, float *out, int64_t rows, int64_t depth, int64_t cols,
                  int threads) {
@@ -548,8 +555,8 @@ int exact_matmul(const float *q, const float *row_scale, const int8_t *w, const 
     const int mode = mean != NULL ? PRODUCT_MEAN : PRODUCT_DIRECT;
     product_job job = {a, lda, rows, depth, cols, w, PRODUCT_PAIRED, block, mode, NULL, pending_at, pending,
                        row_scale, scale, bias, mean, row_sums, out};
-    product_run(&job, threads);
-    if (slots) { /* the rows past the bound: H from their hi parts, then the spec's two roundings */
+    int failed = product_run(&job, threads, NULL);
+    if (slots && !failed) { /* the rows past the bound: H from their hi parts, then the spec's two roundings */
         for (int64_t r = 0; r < rows; r++) {
             const int64_t slot = pending_at[r];
             if (slot < 0) continue;
@@ -558,9 +565,9 @@ int exact_matmul(const float *q, const float *row_scale, const int8_t *w, const 
         }
         product_job split = {highs, lda, slots, depth, cols, w, PRODUCT_PAIRED, depth, PRODUCT_SPLIT, slot_rows,
                              NULL,  pending, row_scale, scale, bias, NULL, NULL, out};
-        product_run(&split, threads);
+        failed = product_run(&split, threads, NULL);
     }
     free(pending), free(highs), free(slot_rows), free(a), free(pending_at);
-    return 0;
+    return failed ? -1 : 0;
 }
 

@@ -50,7 +50,13 @@ typedef struct {
     float *out;                            /* (., cols) */
 } product_job;
 
-/* All of a job: tiles of PRODUCT_TILE_ROWS rows times a run of column strips, shared out between threads. */
-void product_run(const product_job *job, int threads);
+/* All of a job: tiles of PRODUCT_TILE_ROWS rows times a run of column strips, shared out between threads.
+ * `scratch`: NULL (each thread makes its own), or, for one thread, room for product_scratch_size(depth)
+ * values (attention's tiles: hundreds of products per pass; one thread with its scratch cannot fail).
+ * Returns 0, or -1 when scratch memory could not be had (the output is then incomplete). */
+int product_run(const product_job *job, int threads, int16_t *scratch);
+
+/* The int16 values of product_run's scratch for a reduction of `depth`: the packed column strips. */
+int64_t product_scratch_size(int64_t depth);
 
 #endif
