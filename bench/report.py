@@ -23,6 +23,23 @@ def _numerics_label(run_data: dict) -> str:
     return f"{run_data.get('numerics', 'float')} numerics"
 
 
+def _instruction_peak(run_data: dict) -> list[str]:
+    """The roofline run's ceiling: the multiply-add instruction alone, and the kernel's best shape against it
+    (runs before 2026-12-06 did not measure it)."""
+    peak = run_data.get("instruction_peak")
+    if peak is None:
+        return []
+    best = max((r["int16"]["gmac_s"] for r in run_data["rows"] if "int16" in r), default=None)
+    instruction = "vpmaddwd + vpaddd" if peak["width"] == 16 else "vpdpwssd (or vpmaddwd + vpaddd) on 512 bits"
+    share = f"; the kernel's best shape above reaches {100 * best / peak['gmac_s']:.0f}% of it" if best else ""
+    return [
+        "",
+        f"The multiply-add instruction alone (`bench/madd_peak.c`: {instruction}, {peak['width']} int16 "
+        f"multiply-adds each, registers only, {run_data['threads']} threads): **{peak['gmac_s']:.0f} G "
+        f"multiply-adds/s**, the ceiling of any exact int16-by-int8 product on this CPU{share}.",
+    ]
+
+
 def report(args: argparse.Namespace) -> None:
     lines = [
         "# Benchmarks",
@@ -99,6 +116,7 @@ def report(args: argparse.Namespace) -> None:
                 if has_int16:
                     line += f" {r['int16']['ms']:.2f} | {r['int16']['gmac_s']:.0f} |"
                 lines.append(line)
+            lines += _instruction_peak(run_data)
         elif run_data["kind"] == "numerics":
             lines.append(
                 "The same slices compressed with the exact engine (the default) and the float32 engine, "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import time
+from pathlib import Path
 
 from bench.common import save
 
@@ -18,6 +20,37 @@ ROOFLINE_SHAPES = [
 ]
 """(rows, reduction, outputs): decoder steps at batch 64, 128 and 256 (int16 activations = twice as many
 int8 rows), the output head, and full-sequence encoder passes."""
+
+
+MADD_PEAK_SOURCE = Path(__file__).with_name("madd_peak.c")
+
+
+def instruction_peak(threads: int) -> dict | None:
+    """The int16 multiply-adds per second of the CPU's multiply-add instruction alone on ``threads`` threads
+    (``madd_peak.c``: registers only, the fastest of three half-second runs), the ceiling of any exact
+    product kernel here; None without a C compiler or a vector form."""
+    from llmpipe.numerics import native
+
+    built = native.build([MADD_PEAK_SOURCE])
+    if built is None:
+        return None
+    library = ctypes.CDLL(str(built))
+    library.madd_peak.argtypes, library.madd_peak.restype = [ctypes.c_int64, ctypes.c_int], ctypes.c_int64
+    width = library.madd_width()
+    if width == 0:
+        return None
+    sums_per_step = 10  # madd_peak.c's PEAK_SUMS
+    steps, best = 1_000_000, float("inf")
+    for _ in range(3):
+        while True:
+            started = time.perf_counter()
+            library.madd_peak(steps, threads)
+            seconds = time.perf_counter() - started
+            if seconds >= 0.5:
+                break
+            steps *= 2
+        best = min(best, seconds)
+    return {"width": width, "gmac_s": steps * sums_per_step * width * threads / best / 1e9}
 
 
 def roofline(args: argparse.Namespace) -> None:
@@ -54,4 +87,6 @@ def roofline(args: argparse.Namespace) -> None:
             row[name] = {"ms": 1000 * seconds, "gmac_s": macs / seconds / 1e9}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    save(args.name, {"kind": "roofline", "model": "-", "threads": args.threads, "rows": rows})
+    peak = instruction_peak(args.threads)
+    print(json.dumps({"instruction_peak": peak}), flush=True)
+    save(args.name, {"kind": "roofline", "model": "-", "threads": args.threads, "rows": rows, "instruction_peak": peak})

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from bench.common import corpus_slices
+from bench.roofline import instruction_peak
 from llmpipe.codec import mixer
 from llmpipe.codec.kernels import CodingKernels
 from llmpipe.codec.range_coder import RangeDecoder, RangeEncoder
@@ -184,8 +185,10 @@ def run(args: argparse.Namespace, corpus, results, save: Callable[[str, dict], N
     command = shlex.join(["python", "bench/bench.py", *sys.argv[1:]])
     for threads in args.thread_counts:
         kernel, rate = roofline_rate(threads)
+        peak = instruction_peak(threads)
         for relative, data in corpus_slices(args.files, args.bytes, corpus):
             row = {"file": relative, "threads": threads, "roofline": {"kernel": kernel, "mac_s": rate}}
+            row["instruction_peak"] = peak
             row.update(measure(model, data, threads))
             row.update(command=command, date=datetime.date.today().isoformat())
             print(json.dumps(row), flush=True)
@@ -248,6 +251,25 @@ def scaling(rows: list[dict]) -> list[str]:
     return lines
 
 
+def ceilings(rows: list[dict], per_token: int) -> list[str]:
+    """What the CPU's multiply-add instruction alone allows (``bench/madd_peak.c``, measured in the same run;
+    rows before 2026-12-06 lack it): the input's useful products at that rate and nothing else."""
+    lines = []
+    for r in rows:
+        peak = r.get("instruction_peak")
+        if not peak:
+            continue
+        seconds = r["symbols"] * per_token / (peak["gmac_s"] * 1e9)
+        lines.append(
+            f"- {r['file']}, {r['threads']} threads: the multiply-add instruction alone does "
+            f"{peak['gmac_s']:.0f} G int16 multiply-adds/s here; the network's useful products for this input "
+            f"({r['symbols']:,} tokens) at that rate and nothing else would run at **{r['bytes'] / 1024 / seconds:.2f} "
+            "KB/s**: a ceiling for either direction (restarted windows' prefill, attention, tables and coding "
+            "come on top)."
+        )
+    return lines
+
+
 def section(run_data: dict, table_head: Callable[[str], list[str]]) -> list[str]:
     """BENCHMARKS.md's lines for a stored run."""
     per_token = run_data["products_per_token"]
@@ -280,7 +302,7 @@ def section(run_data: dict, table_head: Callable[[str], list[str]]) -> list[str]
             + " | ".join(cells)
             + f" | {roof} |"
         )
-    lines += ["", *scaling(run_data["rows"])]
+    lines += ["", *scaling(run_data["rows"]), *ceilings(run_data["rows"], per_token)]
     parts = [*PARTS, REST]
     lines += ["", "Where the time goes (seconds, and share of the direction's wall time):"]
     lines += table_head("| file | threads | direction | " + " | ".join(parts) + " |")
