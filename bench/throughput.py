@@ -2,14 +2,15 @@
 close the network's matrix products come to what this CPU's product kernel does on large shapes.
 
 Each file is compressed and decompressed at each thread count with the default settings (``--steer auto``
-included), the archive checked against the input. A profile times every call into the engine's compiled
-kernels and the coder by kind (wrapping them for the run: a microsecond or so per call, included in the
-totals); *Python and the rest* is what is left of the wall time (glue, torch's own small operations,
-tokenising, zstd). The *roofline* is the product kernel the engine uses (``NetworkKernels.exact_matmul`` or
-``torch._int_mm`` with its combining pass, whichever ``integer_ops.fused_products_win`` picked), timed in the same
-run on an encoder pass's shape; *of roofline* is the network's useful products (one multiply-add of an
-int16 activation by an int8 weight per weight and token: ``products_per_token``) at the measured tokens per
-second, as a fraction of it.
+included), the archive checked against the input. A profile times every call into the engine's compiled kernels
+and the coder by kind (wrapping them for the run: a microsecond or so per call, included in the totals); *Python
+and the rest* is what is left of the wall time (glue, torch's own small operations, tokenising, zstd). A
+decoding step runs all its layers in one compiled call (``decode_layers``), which times its own products,
+attention and norms for the profile. The *roofline* is the product kernel the engine uses
+(``NetworkKernels.exact_matmul`` or ``torch._int_mm`` with its combining pass, whichever
+``integer_ops.fused_products_win`` picked), timed in the same run on an encoder pass's shape; *of roofline* is
+the network's useful products (one multiply-add of an int16 activation by an int8 weight per weight and token:
+``products_per_token``) at the measured tokens per second, as a fraction of it.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ OWNERS = {
     "Compressor": Compressor,
     "integer_ops": integer_ops,
 }
+STEP_PARTS = ("products", "attention", "norms, activations")
+"""The parts ``NetworkKernels.decode_layers`` times inside a decoding step, in the order of its ``seconds``."""
 REST = "Python and the rest"
 ROOFLINE_SHAPE = (2048, 576, 1536)
 """An encoder pass's product: 2,048 positions by a SmolLM2-sized gate."""
@@ -97,23 +100,39 @@ def profiled() -> Iterator[dict[str, float]]:
     seconds: dict[str, float] = defaultdict(float)
     saved = []
 
-    def timed(function: Callable, part: str) -> Callable:
+    def timed(part: str) -> Callable[[Callable], Callable]:
+        def wrap(function: Callable) -> Callable:
+            def wrapper(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    seconds[part] += time.perf_counter() - started
+
+            return wrapper
+
+        return wrap
+
+    def timed_step(function: Callable) -> Callable:
+        """``decode_layers`` with its ``seconds`` asked for, added to :data:`STEP_PARTS`."""
+
         def wrapper(*args, **kwargs):
-            started = time.perf_counter()
+            spent = torch.zeros(len(STEP_PARTS), dtype=torch.float64)
             try:
-                return function(*args, **kwargs)
+                return function(*args, **kwargs, seconds=spent)
             finally:
-                seconds[part] += time.perf_counter() - started
+                for part, value in zip(STEP_PARTS, spent.tolist(), strict=True):
+                    seconds[part] += value
 
         return wrapper
 
-    for part, names in PARTS.items():
-        for name in names:
-            owner_name, method = name.split(".")
-            owner = OWNERS[owner_name]
-            original = owner.__dict__[method]
-            saved.append((owner, method, original))
-            setattr(owner, method, timed(original, part))
+    patches = [(name, timed(part)) for part, names in PARTS.items() for name in names]
+    for name, wrap in [*patches, ("NetworkKernels.decode_layers", timed_step)]:
+        owner_name, method = name.split(".")
+        owner = OWNERS[owner_name]
+        original = owner.__dict__[method]
+        saved.append((owner, method, original))
+        setattr(owner, method, wrap(original))
     try:
         yield seconds
     finally:

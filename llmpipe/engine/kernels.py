@@ -41,7 +41,7 @@ SIGNATURES = {
     "exact_matmul": ([POINTER] * 8 + [INT64] * 3 + [COUNT], ctypes.c_int),
     "decode_layers": (
         [POINTER] + [INT64] * 3 + [POINTER] + [INT64] * 4 + [POINTER] * 2 + [INT64] + [_FLOAT] * 3 + [POINTER] * 4
-        + [INT64] * 3 + [POINTER, INT64, POINTER, INT64, _FLOAT, _DOUBLE, COUNT],
+        + [INT64] * 3 + [POINTER, INT64, POINTER, INT64, _FLOAT, _DOUBLE, POINTER, COUNT],
         ctypes.c_int,
     ),
 }
@@ -191,22 +191,28 @@ class NetworkKernels:
         exp: torch.Tensor,
         activation: tuple[torch.Tensor, int, float],
         eps: float,
+        seconds: torch.Tensor | None = None,
     ) -> bool:
         """``layers.c``: a decoding step's Llama layers on ``x`` (B, C) float32 in place, ``shape`` = (layers,
         heads, KV heads, hd), ``weights`` the (layers x 8,) addresses of each int8 matrix (paired rows) and its scales
         (q|k|v, o, gate|up, down), ``rope`` the cos and sin rows of position ``start``, ``cache`` all layers'
         keys, values (L, B', KV, capacity, hd) int8 and their scales (L, B', KV, capacity), ``activation``
-        the table, its limit and grid. False when scratch memory could not be had (x, cache half done)."""
+        the table, its limit and grid; ``seconds``, if given, a float64 (3,) tensor the time spent in the
+        products, the attention and the norms and activations is added to (``bench.py throughput``'s profile).
+        False when scratch memory could not be had (x, cache half done)."""
         layers, heads, kv_heads, hd = shape
         keys = cache[0]
         if not (x.is_contiguous() and all(t.is_contiguous() for t in (*cache, *rope, exp, activation[0]))):
             raise ValueError("decode_layers needs contiguous tensors")
+        if seconds is not None and (seconds.dtype != torch.float64 or seconds.shape != (3,)):
+            raise ValueError("decode_layers' seconds: a float64 tensor of 3")
         table, limit, grid = activation
         arguments = (
             [x.data_ptr(), x.shape[0], x.shape[1], layers, weights.data_ptr(), heads, kv_heads, hd, inner]
             + [rope[0].data_ptr(), rope[1].data_ptr(), rope[0].shape[1], score_factor, *limits]
             + [t.data_ptr() for t in cache]
             + [keys.shape[1], keys.shape[3], start, exp.data_ptr(), len(exp), table.data_ptr(), limit, grid, eps]
+            + [seconds.data_ptr() if seconds is not None else None]
         )
         return self._library.decode_layers(*arguments, torch.get_num_threads()) == 0
 

@@ -80,6 +80,21 @@ def test_a_decoding_steps_layers_in_one_call_give_the_same_numbers(tiny):
         llama._decode_layers = fused
 
 
+def test_a_decoding_steps_layers_time_their_parts_when_asked(tiny, monkeypatch):
+    """``decode_layers(..., seconds=)``, ``bench.py throughput``'s profile of a step: time added to each of
+    its parts (products, attention, norms) and no number changed."""
+    model, llama = tiny
+    if llama._decode_layers is None:
+        pytest.skip("the step's layers run kernel by kernel for this model here")
+    tokens = _tokens(3, 3, 40, model.config.vocab_size)
+    spent = torch.zeros(3, dtype=torch.float64)
+    kernels = type(llama.kernels)
+    unprofiled = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda self, *a, **k: unprofiled(self, *a, **k, seconds=spent))
+    assert torch.equal(_incremental(llama, tokens), _full(llama, tokens))
+    assert (spent > 0).all()
+
+
 def test_incremental_equals_full_sequence_past_several_query_blocks(tiny):
     model, llama = tiny
     tokens = _tokens(0, 2, 300, model.config.vocab_size)
