@@ -318,14 +318,15 @@ static inline __attribute__((always_inline)) void product_tile(const product_job
 /* Pairs p.. p + count of a PAIRED weight's rows times rows 0.. mr, columns 0.. `vector_cols` (a multiple of
  * 8), added to the int32 sums in `part` (mr x width): each 16 bytes of weights widened once for all rows,
  * `count` pairs summed in registers before one pass over `part` (in L1 or L2). */
-static inline __attribute__((always_inline)) void product_small_pass(const product_job *job, const int mr, int64_t p,
-                                                                    const int count, int64_t vector_cols,
-                                                                    int64_t width, int32_t *part) {
+static inline __attribute__((always_inline)) void product_small_pass(const product_job *job, const int16_t *a,
+                                                                    const int mr, int64_t p, const int count,
+                                                                    int64_t vector_cols, int64_t width,
+                                                                    int32_t *part) {
     __m256i x[PRODUCT_SMALL_PASS][PRODUCT_SMALL_ROWS];
     for (int g = 0; g < count; g++)
         for (int i = 0; i < mr; i++) {
             int32_t pair;
-            memcpy(&pair, job->a + i * job->lda + 2 * (p + g), sizeof pair);
+            memcpy(&pair, a + i * job->lda + 2 * (p + g), sizeof pair);
             x[g][i] = _mm256_set1_epi32(pair);
         }
     const int8_t *rows = job->w + p * job->cols * 2;
@@ -343,16 +344,17 @@ static inline __attribute__((always_inline)) void product_small_pass(const produ
 }
 #endif
 
-/* Rows 0.. mr (all of a job of at most PRODUCT_SMALL_ROWS rows) times pairs pair0.. pair1 of a PAIRED
+/* Rows row0.. row0 + mr (at most PRODUCT_SMALL_ROWS of them) times pairs pair0.. pair1 of a PAIRED
  * weight's rows, all columns, into `sums` (mr x width int64): the weights read straight from w, front to
  * back (one stream through memory), every column's int32 sums waiting in `part` (mr x width) for the next
  * pass. A decoding step of one or a few rows reads every weight once: a packed copy (product_run) then
  * costs more than it saves. int32 sums never span more than one of job->block's blocks, as in
  * product_tile. */
-static inline __attribute__((always_inline)) void product_small_pairs(const product_job *job, const int mr,
-                                                                     int64_t pair0, int64_t pair1, int64_t width,
-                                                                     int32_t *part, int64_t *sums) {
+static inline __attribute__((always_inline)) void product_small_pairs(const product_job *job, int64_t row0,
+                                                                     const int mr, int64_t pair0, int64_t pair1,
+                                                                     int64_t width, int32_t *part, int64_t *sums) {
     const int64_t block = (job->block + 1) / 2;
+    const int16_t *a = job->a + row0 * job->lda;
     for (int64_t p0 = pair0; p0 < pair1; p0 = (p0 / block + 1) * block) {
         const int64_t p1 = (p0 / block + 1) * block < pair1 ? (p0 / block + 1) * block : pair1;
         memset(part, 0, sizeof(int32_t) * mr * width);
@@ -360,15 +362,15 @@ static inline __attribute__((always_inline)) void product_small_pairs(const prod
         const int64_t vector_cols = job->cols / 8 * 8;
         int64_t p = p0;
         for (; p + PRODUCT_SMALL_PASS <= p1; p += PRODUCT_SMALL_PASS)
-            product_small_pass(job, mr, p, PRODUCT_SMALL_PASS, vector_cols, width, part);
-        for (; p < p1; p++) product_small_pass(job, mr, p, 1, vector_cols, width, part);
+            product_small_pass(job, a, mr, p, PRODUCT_SMALL_PASS, vector_cols, width, part);
+        for (; p < p1; p++) product_small_pass(job, a, mr, p, 1, vector_cols, width, part);
 #else
         const int64_t vector_cols = 0;
 #endif
         for (int64_t q = p0; q < p1; q++) { /* the columns the vectors left (all of them without AVX2) */
             const int8_t *w = job->w + q * job->cols * 2;
             for (int i = 0; i < mr; i++) {
-                const int32_t x0 = job->a[i * job->lda + 2 * q], x1 = job->a[i * job->lda + 2 * q + 1];
+                const int32_t x0 = a[i * job->lda + 2 * q], x1 = a[i * job->lda + 2 * q + 1];
                 for (int64_t c = vector_cols; c < job->cols; c++)
                     part[i * width + c] += x0 * w[2 * c] + x1 * w[2 * c + 1];
             }
@@ -383,27 +385,29 @@ static inline __attribute__((always_inline)) void product_small_pairs(const prod
 
 #define PRODUCT_SMALL_CASE(n)                                                       \
     case n:                                                                         \
-        product_small_pairs(job, n, pair0, pair1, width, part, mine);               \
+        product_small_pairs(job, row0, n, pair0, pair1, width, part, mine);         \
         break;
 
-/* A job of at most PRODUCT_SMALL_ROWS rows, no packing: each thread takes one run of w's row pairs (one
- * stream through memory), then the threads' exact sums are added and stored strip by strip, all in one
- * parallel region (a decoding step makes hundreds of these products). Returns -1 when its scratch sums
- * could not be had (nothing written). */
+/* A job of at most PRODUCT_SMALL_JOB_ROWS rows, no packing: PRODUCT_SMALL_ROWS rows at a time, each thread
+ * takes one run of w's row pairs (one stream through memory), then the threads' exact sums are added and
+ * stored strip by strip, all in one parallel region (a decoding step makes hundreds of these products).
+ * Returns -1 when its scratch sums could not be had (nothing written). */
 static int product_run_small(const product_job *job, int threads) {
     const int64_t strips = (job->cols + PRODUCT_COLS - 1) / PRODUCT_COLS, width = strips * PRODUCT_COLS;
-    const int64_t pairs = (job->depth + 1) / 2, mr = job->rows;
-    const int parallel = threads > 1 && job->rows * job->depth * job->cols >= PARALLEL_MIN;
+    const int64_t pairs = (job->depth + 1) / 2;
+    const int64_t most = job->rows < PRODUCT_SMALL_ROWS ? job->rows : PRODUCT_SMALL_ROWS;
+    const int parallel = threads > 1 && most * job->depth * job->cols >= PARALLEL_MIN;
     const int64_t runs = parallel ? threads : 1;
-    int64_t *sums = malloc(sizeof(int64_t) * (runs * mr * width + 1));
-    int32_t *parts = malloc(sizeof(int32_t) * (runs * mr * width + 1));
+    int64_t *sums = malloc(sizeof(int64_t) * (runs * most * width + 1));
+    int32_t *parts = malloc(sizeof(int32_t) * (runs * most * width + 1));
     if (sums == NULL || parts == NULL) {
         free(sums);
         free(parts);
         return -1;
     }
 #pragma omp parallel num_threads(threads) if (parallel)
-    {
+    for (int64_t row0 = 0; row0 < job->rows; row0 += PRODUCT_SMALL_ROWS) {
+        const int64_t mr = job->rows - row0 < PRODUCT_SMALL_ROWS ? job->rows - row0 : PRODUCT_SMALL_ROWS;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < runs; t++) {
             const int64_t pair0 = pairs * t / runs, pair1 = pairs * (t + 1) / runs;
@@ -431,7 +435,7 @@ static int product_run_small(const product_job *job, int threads) {
                     strip[i][j] = total;
                 }
             const int nr = job->cols - col < PRODUCT_COLS ? (int)(job->cols - col) : PRODUCT_COLS;
-            product_store(job, 0, (int)mr, col, nr, strip);
+            product_store(job, row0, (int)mr, col, nr, strip);
         }
     }
     free(sums);
@@ -439,12 +443,11 @@ static int product_run_small(const product_job *job, int threads) {
     return 0;
 }
 
-/* product_run (products.h): tiles of PRODUCT_TILE_ROWS rows times a run of column strips, between threads. */
 int64_t product_scratch_size(int64_t depth) { return ((depth + 1) / 2) * 2 * PRODUCT_COLS * PRODUCT_PACKED_STRIPS; }
 
 int product_run(const product_job *job, int threads, int16_t *scratch) {
     if (job->rows == 0) return 0;
-    if (job->rows <= PRODUCT_SMALL_ROWS && job->layout == PRODUCT_PAIRED && product_run_small(job, threads) == 0)
+    if (job->rows <= PRODUCT_SMALL_JOB_ROWS && job->layout == PRODUCT_PAIRED && product_run_small(job, threads) == 0)
         return 0;
     const int64_t strips = (job->cols + PRODUCT_COLS - 1) / PRODUCT_COLS;
     const int64_t row_tiles = (job->rows + PRODUCT_TILE_ROWS - 1) / PRODUCT_TILE_ROWS;
