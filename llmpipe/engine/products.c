@@ -388,9 +388,10 @@ static inline __attribute__((always_inline)) void product_small_pairs(const prod
         product_small_pairs(job, row0, n, pair0, pair1, width, part, mine);         \
         break;
 
-/* A job of at most PRODUCT_SMALL_JOB_ROWS rows, no packing: PRODUCT_SMALL_ROWS rows at a time, each thread
- * takes one run of w's row pairs (one stream through memory), then the threads' exact sums are added and
- * stored strip by strip, all in one parallel region (a decoding step makes hundreds of these products).
+/* A job of at most PRODUCT_SMALL_JOB_ROWS rows, no packing: PRODUCT_SMALL_ROWS rows at a time (each such
+ * pass reads the weights again, which up to PRODUCT_SMALL_JOB_ROWS rows costs less than packing them), each
+ * thread takes one run of w's row pairs (one stream through memory), then the threads' exact sums are added
+ * and stored strip by strip, all in one parallel region (a decoding step makes hundreds of these products).
  * Returns -1 when its scratch sums could not be had (nothing written). */
 static int product_run_small(const product_job *job, int threads) {
     const int64_t strips = (job->cols + PRODUCT_COLS - 1) / PRODUCT_COLS, width = strips * PRODUCT_COLS;
@@ -460,7 +461,8 @@ int product_run(const product_job *job, int threads, int16_t *scratch) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (parallel) reduction(| : failed)
     {
-        int16_t *packed = scratch != NULL && !parallel ? scratch : malloc(sizeof(int16_t) * product_scratch_size(job->depth));
+        int16_t *packed = scratch != NULL && !parallel ? scratch
+                                                       : malloc(sizeof(int16_t) * product_scratch_size(job->depth));
         failed = packed == NULL;
 #pragma omp for schedule(dynamic) collapse(2)
         for (int64_t rt = 0; rt < row_tiles; rt++)
