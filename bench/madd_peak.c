@@ -23,6 +23,9 @@ int madd_width(void) {
 #endif
 }
 
+/* Multiply-add instructions in one round of madd_peak, on each thread. */
+int madd_round(void) { return PEAK_SUMS; }
+
 /* `steps` rounds of PEAK_SUMS multiply-add instructions on each of `threads` threads; returns a checksum
  * (so that nothing is optimised away). */
 int64_t madd_peak(int64_t steps, int threads) {

@@ -39,7 +39,6 @@ def instruction_peak(threads: int) -> dict | None:
     width = library.madd_width()
     if width == 0:
         return None
-    sums_per_step = 10  # madd_peak.c's PEAK_SUMS
     steps, best = 1_000_000, float("inf")
     for _ in range(3):
         while True:
@@ -50,7 +49,7 @@ def instruction_peak(threads: int) -> dict | None:
                 break
             steps *= 2
         best = min(best, seconds)
-    return {"width": width, "gmac_s": steps * sums_per_step * width * threads / best / 1e9}
+    return {"width": width, "gmac_s": steps * library.madd_round() * width * threads / best / 1e9}
 
 
 def roofline(args: argparse.Namespace) -> None:

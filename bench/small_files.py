@@ -224,10 +224,10 @@ def before(commit: str, threads: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         tree = Path(folder) / "llmpipe"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), commit], check=True)
+        command = [sys.executable, "-c", BEFORE_SCRIPT, str(threads), *(str(CORPUS / t) for t in then)]
+        environment = {**os.environ, "PYTHONPATH": str(tree)}
         try:
             for _ in range(repeats):
-                command = [sys.executable, "-c", BEFORE_SCRIPT, str(threads), *(str(CORPUS / t) for t in then)]
-                environment = {**os.environ, "PYTHONPATH": str(tree)}
                 done = subprocess.run(command, cwd=tree, env=environment, capture_output=True, check=True)
                 for relative, line in zip(then, done.stdout.decode().splitlines(), strict=True):
                     then[relative].append(json.loads(line))
@@ -253,7 +253,8 @@ def before(commit: str, threads: int, repeats: int) -> dict:
 
 
 def before_only(args: argparse.Namespace) -> None:
-    """``--before-only``: the comparison with an earlier commit run again, into the stored run."""
+    """``--before-only``: the comparison with an earlier commit run again, into the stored run (written
+    as it is, not through ``save``, which would give the whole run this command and date)."""
     path = RESULTS / f"{args.name}.json"
     result = json.loads(path.read_text())
     result["before"] = before(args.before, args.threads, args.repeats)
